@@ -1,0 +1,44 @@
+# The two commands of the README: `make serve` and `make test`. Each creates .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIP := $(BIN)/python -m pip -qq
+# Outside the CI machines (which hold a local CPU wheel), the CPU build comes from PyTorch's index.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+PY_DIRS := $(wildcard src tests benchmarks)
+
+.PHONY: serve test lint format clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	@if nvidia-smi -L >/dev/null 2>&1; then \
+		echo "NVIDIA GPU found: installing the CUDA build of torch"; \
+		$(PIP) install 'torch>=2.11'; \
+	else \
+		echo "no NVIDIA GPU: installing the CPU build of torch"; \
+		$(PIP) install --no-index torch==2.13.0 2>/dev/null \
+			|| $(PIP) install torch==2.13.0 --index-url $(TORCH_CPU_INDEX); \
+	fi
+	$(PIP) install -e '.[test]'
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/loraplex demo
+	$(BIN)/loraplex generate --demo "Who are you?"
+
+lint: $(STAMP)
+	$(BIN)/ruff check $(PY_DIRS)
+	$(BIN)/ruff format --check $(PY_DIRS)
+	$(BIN)/lint-imports
+
+test: lint
+	$(BIN)/python -m pytest
+
+format: $(STAMP)
+	$(BIN)/ruff format $(PY_DIRS)
+	$(BIN)/ruff check --fix $(PY_DIRS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,132 @@
+"""Multi-LoRA matmuls over a batch whose tokens use different adapter slots (SGMV).
+
+Public ops:
+- `add_lora(y, x, lora_a, lora_b, ranks, scales, token_slots)`: the functional form, one slice.
+- `lora_shrink` / `lora_expand`: what the engine calls for each (possibly fused) LoRA linear, with
+  segment metadata built once per step by `build_segments`.
+
+`backend="auto"` runs Triton on CUDA tensors and the torch reference on CPU tensors; `"torch"`
+forces the reference; `"triton"` forces the kernels (under `TRITON_INTERPRET=1` on CPU tensors).
+Nothing falls back silently from one backend to another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from .reference import add_lora_reference, lora_expand_reference, lora_shrink_reference
+from .segments import LoraSegments, build_segments
+
+Backend = Literal["auto", "torch", "triton"]
+
+__all__ = [
+    "Backend",
+    "LoraSegments",
+    "add_lora",
+    "build_segments",
+    "lora_expand",
+    "lora_shrink",
+    "resolve_backend",
+]
+
+
+def resolve_backend(
+    backend: Backend, tensor: torch.Tensor
+) -> Literal["torch", "triton"]:
+    """The backend that will run for `backend` on tensors living where `tensor` lives."""
+    if backend == "auto":
+        return "triton" if tensor.is_cuda else "torch"
+    if backend not in ("torch", "triton"):
+        raise ValueError(
+            f"unknown SGMV backend {backend!r}; expected 'auto', 'torch' or 'triton'"
+        )
+    return backend
+
+
+def _triton_ops():
+    raise NotImplementedError(
+        "the Triton SGMV kernels are not built yet; use backend='torch' (the reference) for now"
+    )
+
+
+def add_lora(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    token_slots: torch.Tensor,
+    *,
+    backend: Backend = "auto",
+) -> None:
+    """y[t] += scales[s] * (x[t] @ lora_a[s, :ranks[s]].T) @ lora_b[s, :, :ranks[s]].T, in place.
+
+    For every token t whose slot s = token_slots[t] is >= 0; tokens with slot -1 are untouched.
+
+    :param y: [num_tokens, out_features] float, updated in place.
+    :param x: [num_tokens, in_features] float.
+    :param lora_a: [num_slots, max_rank, in_features].
+    :param lora_b: [num_slots, out_features, max_rank].
+    :param ranks: [num_slots] int32, each slot's own rank (<= max_rank).
+    :param scales: [num_slots] float32.
+    :param token_slots: [num_tokens] int32.
+    :param backend: "auto" (Triton on CUDA, torch on CPU), "torch" or "triton".
+    """
+    if resolve_backend(backend, x) == "torch":
+        add_lora_reference(y, x, lora_a, lora_b, ranks, scales, token_slots)
+        return
+    _triton_ops()
+
+
+def lora_shrink(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    ranks: torch.Tensor,
+    segments: LoraSegments,
+    *,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """v[t, i*R : i*R + r] = x[t] @ lora_a[s, i*R : i*R + r].T for every slice i of slot s.
+
+    :param x: [num_tokens, in_features].
+    :param lora_a: [num_slots, num_slices * max_rank, in_features].
+    :param ranks: [num_slots, num_slices] int32.
+    :param segments: the step's token grouping from `build_segments`.
+    :return: [num_tokens, num_slices * max_rank] float32.
+    """
+    if resolve_backend(backend, x) == "torch":
+        return lora_shrink_reference(x, lora_a, ranks, segments.token_slots)
+    return _triton_ops()
+
+
+def lora_expand(
+    y: torch.Tensor,
+    v: torch.Tensor,
+    lora_b: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    slice_offsets: Sequence[int],
+    segments: LoraSegments,
+    *,
+    backend: Backend = "auto",
+) -> None:
+    """y[t, o_i : o_{i+1}] += scales[s, i] * v[t, i*R : i*R + r] @ lora_b[s, o_i : o_{i+1}, :r].T.
+
+    :param y: [num_tokens, out_features], updated in place.
+    :param v: [num_tokens, num_slices * max_rank] float32 from `lora_shrink`.
+    :param lora_b: [num_slots, out_features, max_rank].
+    :param ranks: [num_slots, num_slices] int32.
+    :param scales: [num_slots, num_slices] float32.
+    :param slice_offsets: num_slices + 1 host ints: where each output slice starts, then the end.
+    :param segments: the step's token grouping from `build_segments`.
+    """
+    if resolve_backend(backend, y) == "torch":
+        lora_expand_reference(
+            y, v, lora_b, ranks, scales, slice_offsets, segments.token_slots
+        )
+        return
+    _triton_ops()

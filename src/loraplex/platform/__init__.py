@@ -1,0 +1,29 @@
+"""The engine: token ids and adapter slots in, token ids out. No HTTP, SQLite, tenants or files
+beyond the base checkpoint."""
+
+from .config import LORA_TARGETS, EngineConfig, ModelSpec, RopeSpec
+from .engine import Engine, EngineStats
+from .errors import AdapterShapeError, EngineError, InvalidRequestError, ModelLoadError
+from .lora_slots import LoraModuleWeights, LoraWeights
+from .outputs import RequestOutput
+from .request import FinishReason, SamplingParams
+from .sampler import TokenLogprobs
+
+__all__ = [
+    "LORA_TARGETS",
+    "AdapterShapeError",
+    "Engine",
+    "EngineConfig",
+    "EngineError",
+    "EngineStats",
+    "FinishReason",
+    "InvalidRequestError",
+    "LoraModuleWeights",
+    "LoraWeights",
+    "ModelLoadError",
+    "ModelSpec",
+    "RequestOutput",
+    "RopeSpec",
+    "SamplingParams",
+    "TokenLogprobs",
+]

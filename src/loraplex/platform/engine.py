@@ -1,0 +1,248 @@
+"""Engine: token ids and adapter slots in, token ids (and text) out, one step at a time."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+import torch
+from tokenizers import Tokenizer
+
+from .blocks import BlockManager
+from .config import EngineConfig, ModelSpec, blocks_for
+from .errors import AdapterShapeError, InvalidRequestError, ModelLoadError
+from .inputs import prepare_inputs
+from .kv_cache import KVCache
+from .lora_slots import LoraSlots, LoraWeights
+from .model import LlamaForCausalLM, init_dummy_weights, load_weights
+from .outputs import OutputProcessor, RequestOutput
+from .request import FinishReason, Request, SamplingParams
+from .sampler import Sampler
+from .scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_free_kv_blocks: int
+    num_kv_blocks: int
+    num_preemptions: int
+
+
+class Engine:
+    """One base model, its paged KV cache, its LoRA slots and an in-flight batch of requests.
+
+    Not thread-safe: every call happens on the thread that owns the engine.
+    """
+
+    def __init__(
+        self, config: EngineConfig, tokenizer: Tokenizer | None = None
+    ) -> None:
+        self.config = config
+        self.spec = ModelSpec.from_dir(config.model)
+        self.device = _resolve_device(config.device)
+        self.dtype = _resolve_dtype(config.dtype, self.spec, self.device)
+        self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
+        if self.max_model_len > self.spec.max_position_embeddings:
+            raise ModelLoadError(
+                f"max_model_len {self.max_model_len} exceeds the model's "
+                f"max_position_embeddings {self.spec.max_position_embeddings}"
+            )
+        self.model = LlamaForCausalLM(
+            self.spec, self.max_model_len, self.dtype, self.device
+        )
+        if config.load_format == "dummy":
+            init_dummy_weights(self.model, config.seed)
+        else:
+            load_weights(self.model, config.model)
+        num_blocks = config.num_kv_blocks or config.max_num_seqs * blocks_for(
+            self.max_model_len, config.block_size
+        )
+        if num_blocks * config.block_size < self.max_model_len:
+            raise ValueError(
+                f"a KV cache of {num_blocks} blocks x {config.block_size} tokens cannot hold one "
+                f"request of max_model_len {self.max_model_len} tokens"
+            )
+        self.kv_cache = KVCache(
+            self.spec, num_blocks, config.block_size, self.dtype, self.device
+        )
+        self.lora_slots: LoraSlots | None = None
+        if config.max_loras > 0:
+            self.lora_slots = LoraSlots(
+                self.spec,
+                config.max_loras,
+                config.max_lora_rank,
+                self.dtype,
+                self.device,
+            )
+            for layer_linears, layer_slots in zip(
+                self.model.lora_linears(), self.lora_slots.layers, strict=True
+            ):
+                for group, linear in layer_linears.items():
+                    linear.lora = layer_slots[group]
+                    linear.sgmv_backend = config.lora_backend
+        self._loaded_slots: set[int] = set()
+        self.scheduler = Scheduler(
+            BlockManager(num_blocks, config.block_size),
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+        )
+        self.sampler = Sampler(self.spec.vocab_size, self.device)
+        self.outputs = OutputProcessor(self.scheduler, tokenizer)
+        self._requests: dict[str, Request] = {}
+        self._aborted: list[RequestOutput] = []
+        self._seed_source = random.Random(config.seed)
+        log.info(
+            "engine ready: %s on %s (%s), %d KV blocks, %d LoRA slots of rank %d",
+            self.spec.architecture,
+            self.device,
+            self.dtype,
+            num_blocks,
+            config.max_loras,
+            config.max_lora_rank,
+        )
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule → prepare inputs → forward → sample → update; returns what changed."""
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return self._take_finished([])
+        inputs = prepare_inputs(
+            batch, self.config.block_size, self.device, self.lora_slots is not None
+        )
+        logits = self.model(inputs, self.kv_cache)
+        sampling_seqs = batch.sampling_sequences
+        sampled = self.sampler.sample(logits, self.sampler.prepare(sampling_seqs))
+        host = self.sampler.to_host(sampled, sampling_seqs)
+        updates = self.scheduler.update(batch, host.tokens)
+        return self._take_finished(self.outputs.process(updates, host.logprobs))
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        slot: int | None = None,
+    ) -> None:
+        """Queue a request; `slot` is the LoRA slot of its adapter, None for the base model.
+
+        :raises InvalidRequestError: duplicate id, empty or too long prompt, bad token id or slot.
+        """
+        if request_id in self._requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty")
+        if any(not 0 <= t < self.spec.vocab_size for t in prompt_token_ids):
+            raise InvalidRequestError(
+                f"prompt token ids must be in [0, {self.spec.vocab_size})"
+            )
+        total = len(prompt_token_ids) + sampling.max_tokens
+        if total > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({len(prompt_token_ids)} tokens) plus max_tokens ({sampling.max_tokens}) "
+                f"is {total} tokens, more than the context of {self.max_model_len}"
+            )
+        if slot is not None and slot not in self._loaded_slots:
+            raise InvalidRequestError(f"LoRA slot {slot} holds no adapter")
+        if sampling.stop and self.outputs.tokenizer is None:
+            raise InvalidRequestError(
+                "stop strings need a tokenizer; this engine has none"
+            )
+        seed = (
+            sampling.seed
+            if sampling.seed is not None
+            else self._seed_source.getrandbits(63)
+        )
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=list(prompt_token_ids),
+            sampling=sampling,
+            seed=seed % (1 << 63),
+            slot=slot,
+            eos_token_ids=frozenset(self.spec.eos_token_ids),
+            max_model_len=self.max_model_len,
+        )
+        self._requests[request_id] = request
+        self.scheduler.add(request)
+        self.outputs.add(request)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now; its final output (finish_reason abort) comes with the next step."""
+        request = self._requests.get(request_id)
+        if request is None or request.is_finished:
+            return False
+        self.scheduler.finish(request, FinishReason.ABORT)
+        self._aborted.append(self.outputs.aborted(request))
+        return True
+
+    def load_adapter(self, slot: int, weights: LoraWeights) -> None:
+        """Write an adapter into a slot; call between steps, never for a slot in use.
+
+        :raises AdapterShapeError: LoRA is off, the slot is busy, or the adapter does not fit.
+        """
+        self._check_slot_free(slot)
+        self.lora_slots.write(slot, weights)
+        self._loaded_slots.add(slot)
+
+    def unload_adapter(self, slot: int) -> None:
+        """Empty a slot so that it can be reused; never for a slot in use."""
+        self._check_slot_free(slot)
+        self.lora_slots.clear(slot)
+        self._loaded_slots.discard(slot)
+
+    def _check_slot_free(self, slot: int) -> None:
+        if self.lora_slots is None:
+            raise AdapterShapeError("LoRA is off in this engine (max_loras = 0)")
+        busy = [
+            r.request_id
+            for r in self._requests.values()
+            if r.slot == slot and not r.is_finished
+        ]
+        if busy:
+            raise AdapterShapeError(
+                f"slot {slot} is in use by {len(busy)} unfinished request(s)"
+            )
+
+    @property
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished or bool(self._aborted)
+
+    def stats(self) -> EngineStats:
+        blocks = self.scheduler.blocks
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_free_kv_blocks=blocks.num_free_blocks,
+            num_kv_blocks=blocks.num_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    def _take_finished(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        outputs = self._aborted + outputs
+        self._aborted = []
+        for out in outputs:
+            if out.finished:
+                self._requests.pop(out.request_id, None)
+        return outputs
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str, spec: ModelSpec, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    return _DTYPES.get(spec.checkpoint_dtype, torch.float32)
