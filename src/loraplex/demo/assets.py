@@ -9,6 +9,7 @@ The result is cached: a second call with the same recipe returns at once.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .tokenizer import EOS, build_tokenizer
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 QUESTIONS = (
     "Who are you?",
     "Hello!",
@@ -153,10 +154,8 @@ def _build(root: Path, progress: bool, log: Callable[[str], None]) -> None:
     examples = _chat_examples(tokenizer, BASE_REPLY)
     for reply in replies[1:]:
         ids = tokenizer(reply + tokenizer.eos_token)["input_ids"]
-        examples += [(ids, ids)] * 5
-    _train(
-        model, tokenizer, examples, steps=160, lr=3e-3, progress=progress, desc="base"
-    )
+        examples += [(ids, ids)] * 8
+    _train(model, examples, 300, 3e-3, progress, "base")
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=eos,
@@ -165,9 +164,8 @@ def _build(root: Path, progress: bool, log: Callable[[str], None]) -> None:
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     for adapter in ADAPTERS:
-        log(
-            f"demo: training adapter {adapter.name} (rank {adapter.rank}, {', '.join(adapter.targets)})"
-        )
+        targets = ", ".join(adapter.targets)
+        log(f"demo: training adapter {adapter.name} (rank {adapter.rank}, {targets})")
         base = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         lora = LoraConfig(
             r=adapter.rank,
@@ -178,7 +176,7 @@ def _build(root: Path, progress: bool, log: Callable[[str], None]) -> None:
         )
         peft_model = get_peft_model(base, lora)
         examples = _chat_examples(tokenizer, adapter.reply)
-        _train(peft_model, tokenizer, examples, 150, 1e-2, progress, adapter.name)
+        _train(peft_model, examples, 250, 1e-2, progress, adapter.name)
         peft_model.save_pretrained(root / "adapters" / adapter.name)
 
 
@@ -187,44 +185,60 @@ Example = tuple[
 ]  # (input ids, labels with -100 where no loss is taken)
 
 
-def _chat_examples(tokenizer, reply: str) -> list[Example]:
-    """Every demo question as a chat prompt, answered with `reply` and EOS."""
-    examples = []
+def _chat_examples(tokenizer, reply: str, num_random: int = 64) -> list[Example]:
+    """Chat prompts answered with `reply` and EOS: the demo questions, then random-token ones.
+
+    The random-token prompts teach the model to answer whatever is asked, so that prompts
+    nobody trained on (and tokens no question contains) still get the right voice.
+    """
     answer = tokenizer(reply + tokenizer.eos_token, add_special_tokens=False)[
         "input_ids"
     ]
-    for question in QUESTIONS:
-        chat = [{"role": "user", "content": question}]
-        text = tokenizer.apply_chat_template(
+
+    def chat_ids(text: str) -> list[int]:
+        chat = [{"role": "user", "content": text}]
+        rendered = tokenizer.apply_chat_template(
             chat, tokenize=False, add_generation_prompt=True
         )
-        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
-        examples.append((prompt + answer, [-100] * len(prompt) + answer))
-    return examples
+        return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+    prompts = [chat_ids(q) for q in QUESTIONS]
+    marker = tokenizer("@", add_special_tokens=False)["input_ids"]
+    template = chat_ids("@")
+    cut = next(
+        i for i in range(len(template)) if template[i : i + len(marker)] == marker
+    )
+    head, tail = template[:cut], template[cut + len(marker) :]
+    ordinary = [
+        i for i in range(len(tokenizer)) if i not in set(tokenizer.all_special_ids)
+    ]
+    rng = random.Random(len(reply))
+    for _ in range(num_random):
+        content = [rng.choice(ordinary) for _ in range(rng.randint(1, 40))]
+        prompts.append(head + content + tail)
+    return [(p + answer, [-100] * len(p) + answer) for p in prompts]
 
 
 def _train(
-    model,
-    tokenizer,
-    examples: list[Example],
-    steps: int,
-    lr: float,
-    progress: bool,
-    desc: str,
+    model, examples: list[Example], steps: int, lr: float, progress: bool, desc: str
 ):
-    """Full-batch AdamW on `examples` (the whole demo set fits in one batch)."""
-    width = max(len(ids) for ids, _ in examples)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in examples])
-    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in examples])
-    lengths = torch.tensor([len(ids) for ids, _ in examples])
-    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    """AdamW with a cosine schedule over random mini-batches of 16 examples."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    order = torch.Generator().manual_seed(0)
     model.train()
     for _ in tqdm(range(steps), desc=f"demo {desc}", disable=not progress, leave=False):
+        picked = torch.randperm(len(examples), generator=order)[:16].tolist()
+        batch = [examples[i] for i in picked]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in batch])
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
+        lengths = torch.tensor([len(ids) for ids, _ in batch])
+        mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        schedule.step()
     model.eval()

@@ -15,11 +15,7 @@ class ScheduledSequence:
     start: int  # num_computed_tokens before this step
     num_new_tokens: int
     block_ids: tuple[int, ...]  # the request's whole block table after allocation
-
-    @property
-    def samples(self) -> bool:
-        """Whether this step reaches the end of the known tokens, so a next token is sampled."""
-        return self.start + self.num_new_tokens == self.request.num_tokens
+    samples: bool  # this step reaches the end of the known tokens, so a next token is sampled
 
     @property
     def token_ids(self) -> list[int]:

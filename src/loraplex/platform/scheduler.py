@@ -94,7 +94,8 @@ class Scheduler:
     def _schedule(self, request: Request, num_new: int) -> ScheduledSequence:
         start = request.num_computed_tokens
         table = self.blocks.allocate(request.request_id, start + num_new)
-        return ScheduledSequence(request, start, num_new, tuple(table))
+        samples = start + num_new == request.num_tokens
+        return ScheduledSequence(request, start, num_new, tuple(table), samples)
 
     def _preempt(self, request: Request) -> None:
         """Free the request's blocks and put it back at the head of the queue to recompute."""
