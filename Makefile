@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml Makefile
 		$(PIP) install 'torch>=2.11'; \
 	else \
 		echo "no NVIDIA GPU: installing the CPU build of torch"; \
-		$(PIP) install --no-index torch==2.13.0 2>/dev/null \
-			|| $(PIP) install torch==2.13.0 --index-url $(TORCH_CPU_INDEX); \
+		$(PIP) install --no-index --no-deps torch==2.13.0 2>/dev/null \
+			|| $(PIP) install torch==2.13.0 --index-url $(TORCH_CPU_INDEX) \
+				--extra-index-url https://pypi.org/simple; \
 	fi
 	$(PIP) install -e '.[test]'
 	touch $(STAMP)
