@@ -3,6 +3,7 @@ beyond the base checkpoint."""
 
 from .config import LORA_TARGETS, EngineConfig, ModelSpec, RopeSpec
 from .engine import Engine, EngineStats
+from .engine_thread import EngineDeadError, EngineThread
 from .errors import AdapterShapeError, EngineError, InvalidRequestError, ModelLoadError
 from .lora_slots import LoraModuleWeights, LoraWeights
 from .outputs import RequestOutput
@@ -14,8 +15,10 @@ __all__ = [
     "AdapterShapeError",
     "Engine",
     "EngineConfig",
+    "EngineDeadError",
     "EngineError",
     "EngineStats",
+    "EngineThread",
     "FinishReason",
     "InvalidRequestError",
     "LoraModuleWeights",
