@@ -95,7 +95,10 @@ def test_sharded_checkpoint_and_bf16_load(tmp_path):
 def test_dummy_weights_have_the_right_shapes_and_are_not_zero(tiny_models):
     engine = make_engine(tiny_models["qwen3"], load_format="dummy", dtype="float16")
     params = dict(engine.model.named_parameters())
-    assert params["layers.0.self_attn.qkv_proj.weight"].shape == (4 * 24 + 2 * 2 * 24, 64)
+    assert params["layers.0.self_attn.qkv_proj.weight"].shape == (
+        4 * 24 + 2 * 2 * 24,
+        64,
+    )
     assert all(p.dtype == torch.float16 and p.abs().sum() > 0 for p in params.values())
     got = run_to_completion(engine, {"r": ([1, 2, 3], greedy(4), None)})
     assert len(got["r"]) == 4
