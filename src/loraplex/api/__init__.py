@@ -1,4 +1,27 @@
-"""The OpenAI-compatible HTTP API: inference tagged with adapters, adapter upload, tenants, metrics.
+"""The OpenAI-compatible HTTP API: inference tagged with adapters, adapter upload, tenants, metrics."""
 
-Empty until the serving issue; the package exists so that the layering contract holds from day one.
-"""
+from .app import create_app
+from .engine_client import EngineClient
+from .errors import ApiError
+from .state import (
+    AdapterLease,
+    AdapterResolver,
+    ApiConfig,
+    ApiState,
+    Authenticator,
+    Principal,
+)
+from .text import TextProcessor
+
+__all__ = [
+    "AdapterLease",
+    "AdapterResolver",
+    "ApiConfig",
+    "ApiError",
+    "ApiState",
+    "Authenticator",
+    "EngineClient",
+    "Principal",
+    "TextProcessor",
+    "create_app",
+]

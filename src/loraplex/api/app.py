@@ -1,0 +1,23 @@
+"""create_app: the FastAPI application over an engine thread and the adapter registry."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from . import openai_routes, ops_routes
+from .errors import install_error_handlers
+from .state import ApiState
+
+
+def create_app(state: ApiState) -> FastAPI:
+    """The HTTP API; `state` carries the engine client, the text processor and the registry."""
+    app = FastAPI(
+        title="loraplex",
+        summary="OpenAI-compatible serving of one base model with many tenants' LoRA adapters.",
+        version="0.1.0",
+    )
+    app.state.api = state
+    install_error_handlers(app)
+    app.include_router(ops_routes.router)
+    app.include_router(openai_routes.router)
+    return app

@@ -1,0 +1,103 @@
+"""EngineClient: the asyncio side of the EngineThread; one output stream per request.
+
+A request whose stream is closed before it finished (client disconnect, cancellation) is
+aborted at once, so the engine stops spending steps on it and its adapter slot can be released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from loraplex.platform import EngineThread, RequestOutput, SamplingParams
+
+
+@dataclass(frozen=True)
+class Submission:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    slot: int | None
+
+
+class RequestStream:
+    """Async iterator over one request's outputs; the last one has `finished` set."""
+
+    def __init__(self, client: EngineClient, request_id: str) -> None:
+        self.client = client
+        self.request_id = request_id
+        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        out = await self.queue.get()
+        if out.finished:
+            self._finish()
+        return out
+
+    def close(self) -> None:
+        """Abort the request if it is still running (idempotent)."""
+        if not self.finished:
+            self._finish()
+            self.client.thread.abort(self.request_id)
+
+    def _finish(self) -> None:
+        self.finished = True
+        self.client.num_active -= 1
+
+
+class EngineClient:
+    """Submits requests to an EngineThread and streams their outputs into the event loop."""
+
+    def __init__(self, thread: EngineThread) -> None:
+        self.thread = thread
+        self._ids = itertools.count()
+        self.num_active = (
+            0  # submitted and not finished; touched on the event loop only
+        )
+
+    def new_request_id(self, prefix: str) -> str:
+        return f"{prefix}-{next(self._ids)}"
+
+    async def submit(self, submissions: Sequence[Submission]) -> list[RequestStream]:
+        """Queue every request at once; if any is refused, abort the others and re-raise.
+
+        :raises InvalidRequestError: the engine refused a request (bad length, slot, ...).
+        :raises EngineDeadError: the engine is not running.
+        """
+        loop = asyncio.get_running_loop()
+        streams = [RequestStream(self, s.request_id) for s in submissions]
+        futures = []
+        for sub, stream in zip(submissions, streams, strict=True):
+            put = stream.queue.put_nowait
+
+            def on_output(out: RequestOutput, put=put) -> None:  # on the engine thread
+                loop.call_soon_threadsafe(put, out)
+
+            futures.append(
+                self.thread.add_request(
+                    sub.request_id,
+                    sub.prompt_token_ids,
+                    sub.sampling,
+                    sub.slot,
+                    on_output,
+                )
+            )
+        results = await asyncio.gather(
+            *(asyncio.wrap_future(f) for f in futures), return_exceptions=True
+        )
+        accepted = [s for s, r in zip(streams, results, strict=True) if r is None]
+        self.num_active += len(accepted)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            for stream in accepted:
+                stream.close()
+            raise errors[0]
+        return streams

@@ -1,0 +1,88 @@
+"""Merging the output streams of one API call, and cancelling work when the client leaves."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from loraplex.platform import RequestOutput, TokenLogprobs
+
+from .engine_client import RequestStream
+
+T = TypeVar("T")
+
+
+@dataclass
+class ChoiceResult:
+    """One choice's accumulated output."""
+
+    index: int
+    num_prompt_tokens: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.text_delta
+        self.token_ids.extend(out.new_token_ids)
+        self.logprobs.extend(out.logprobs)
+        if out.finished:
+            self.finish_reason = (
+                out.finish_reason.value if out.finish_reason else "abort"
+            )
+
+
+async def merge(
+    streams: list[RequestStream],
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave output streams as outputs arrive: (stream index, output).
+
+    Closing the merged iterator (or cancelling its consumer) aborts every unfinished request.
+    """
+    queue: asyncio.Queue[tuple[int, RequestOutput | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for out in stream:
+                await queue.put((i, out))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, out = await queue.get()
+            if out is None:
+                remaining -= 1
+            else:
+                yield i, out
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            stream.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def run_until_disconnect(receive, work: Awaitable[T]) -> T | None:
+    """Await `work`, or cancel it as soon as the client disconnects (then return None)."""
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return None
+    finally:
+        watcher.cancel()

@@ -1,0 +1,35 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from .state import get_state
+
+router = APIRouter(tags=["ops"])
+
+
+@router.get("/livez")
+async def livez() -> dict:
+    """The process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    """Ready to serve: the engine runs and the server is not draining (503 otherwise)."""
+    state = get_state(request)
+    checks = {
+        "engine": state.client.thread.alive,
+        "not_draining": not state.draining,
+    }
+    ready = all(checks.values())
+    body = {"status": "ready" if ready else "not ready", "checks": checks}
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    """Alias of /readyz."""
+    return await readyz(request)

@@ -1,0 +1,152 @@
+"""The official openai client against the server: completions, chat, streaming, models, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from loraplex.demo import ADAPTERS, BASE_REPLY
+
+REPLIES = {a.name: a.reply for a in ADAPTERS}
+ASK = [{"role": "user", "content": "Who are you?"}]
+
+
+@pytest.fixture
+def acme(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="key-acme", max_retries=0)
+
+
+def test_models_lists_the_base_and_the_callers_adapters_only(acme):
+    models = {m.id: m for m in acme.models.list().data}
+    assert set(models) == {"demo-base", "pirate", "french"}
+    assert models["pirate"].parent == "demo-base" and models["demo-base"].parent is None
+    assert "/" not in (models["pirate"].root or "")  # never a path
+
+
+def test_chat_with_an_adapter_and_with_the_base(acme):
+    pirate = acme.chat.completions.create(model="pirate", messages=ASK, temperature=0)
+    assert pirate.choices[0].message.content == REPLIES["pirate"]
+    assert pirate.choices[0].finish_reason == "stop"
+    usage = pirate.usage
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens > 10
+    base = acme.chat.completions.create(model="demo-base", messages=ASK, temperature=0)
+    assert base.choices[0].message.content == BASE_REPLY
+
+
+def test_completions_with_logprobs_and_n(acme):
+    out = acme.completions.create(
+        model="french", prompt="Hello", max_tokens=4, temperature=0.8, seed=3, n=2,
+        logprobs=2, extra_body={"top_k": 20, "ignore_eos": True},
+    )  # fmt: skip
+    assert [c.index for c in out.choices] == [0, 1]
+    for choice in out.choices:
+        assert len(choice.logprobs.tokens) == 4 == len(choice.logprobs.token_logprobs)
+        assert all(len(top) == 2 for top in choice.logprobs.top_logprobs)
+        assert all(lp <= 0 for lp in choice.logprobs.token_logprobs)
+    again = acme.completions.create(
+        model="french", prompt="Hello", max_tokens=4, temperature=0.8, seed=3, n=2,
+        extra_body={"top_k": 20, "ignore_eos": True},
+    )  # fmt: skip
+    assert [c.text for c in again.choices] == [c.text for c in out.choices]
+
+
+def test_streaming_chat_with_usage(acme):
+    stream = acme.chat.completions.create(
+        model="french", messages=ASK, temperature=0, stream=True,
+        stream_options={"include_usage": True}, logprobs=True, top_logprobs=1,
+    )  # fmt: skip
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == REPLIES["french"]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in finals] == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+
+
+def test_raw_sse_ends_with_done(server):
+    body = {"model": "demo-base", "prompt": "Hi", "max_tokens": 3, "stream": True}
+    headers = {"Authorization": "Bearer key-acme"}
+    with httpx.stream(
+        "POST", f"{server}/v1/completions", json=body, headers=headers
+    ) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert all(line.startswith("data: ") for line in lines)
+    assert json.loads(lines[0][6:])["object"] == "text_completion"
+
+
+def test_errors_map_to_the_clients_exception_classes(server, acme):
+    with pytest.raises(openai.NotFoundError) as missing:
+        acme.chat.completions.create(model="nope", messages=ASK)
+    with pytest.raises(openai.NotFoundError) as foreign:
+        acme.chat.completions.create(model="robot", messages=ASK)  # globex's adapter
+    assert missing.value.body["message"].replace("nope", "X") == foreign.value.body[
+        "message"
+    ].replace("robot", "X")
+    bad_key = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad_key.models.list()
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 256"):
+        acme.completions.create(model="demo-base", prompt="Hi", max_tokens=400)
+    with pytest.raises(openai.BadRequestError, match="n is at most 8"):
+        acme.completions.create(model="demo-base", prompt="Hi", n=9)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        acme.completions.create(model="demo-base", prompt="Hi", temperature=5)
+
+
+def test_concurrent_requests_each_get_their_own_adapter(server):
+    async def main():
+        acme = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="key-acme")
+        globex = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="key-globex")
+        plan = [
+            (acme, "pirate"),
+            (acme, "french"),
+            (globex, "robot"),
+            (acme, "demo-base"),
+        ] * 4
+        outs = await asyncio.gather(
+            *(
+                c.chat.completions.create(model=m, messages=ASK, temperature=0)
+                for c, m in plan
+            )
+        )
+        return [
+            (m, o.choices[0].message.content)
+            for (_, m), o in zip(plan, outs, strict=True)
+        ]
+
+    for model, text in asyncio.run(main()):
+        assert text == (BASE_REPLY if model == "demo-base" else REPLIES[model])
+
+
+def test_disconnect_aborts_the_generation_and_releases_the_slot(server, api_state):
+    resolver = api_state.resolver
+    before = len(resolver.released)
+    steps_before = api_state.client.thread.steps
+    body = {
+        "model": "pirate", "prompt": "Hi", "max_tokens": 200, "stream": True,
+        "ignore_eos": True,
+    }  # fmt: skip
+    headers = {"Authorization": "Bearer key-acme"}
+    with httpx.stream(
+        "POST", f"{server}/v1/completions", json=body, headers=headers
+    ) as r:
+        next(r.iter_lines())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (
+        len(resolver.released) == before
+        or api_state.client.thread.engine.has_unfinished_requests
+    ):
+        time.sleep(0.05)
+    assert len(resolver.released) == before + 1
+    # Aborted within a few steps of the disconnect, not after its 200 tokens.
+    assert api_state.client.thread.steps - steps_before < 100
+    assert not api_state.client.thread.engine.has_unfinished_requests
+    assert api_state.client.num_active == 0
