@@ -75,9 +75,10 @@ def test_same_seed_same_text_whatever_the_batch(llm, demo_assets):
 def test_invalid_adapter_is_refused_before_anything_runs(llm, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "adapter_config.json").write_text(
-        '{"peft_type": "LORA", "use_dora": true}'
+    config = (
+        '{"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"], "use_dora": true}'
     )
+    (broken / "adapter_config.json").write_text(config)
     (broken / "adapter_model.safetensors").write_bytes(b"")
     with pytest.raises(AdapterInvalid, match="DoRA"):
         llm.generate(["Hello"], adapters=[broken])

@@ -20,6 +20,7 @@ from loraplex.api import (
     TextProcessor,
     create_app,
 )
+from loraplex.api.metrics import ApiMetrics
 from loraplex.platform import Engine, EngineConfig, EngineThread
 
 KEYS = {
@@ -59,6 +60,10 @@ class StaticAdapters:
         self.acquired.append(self.slots[name])
         return Lease(self.slots[name], self.released)
 
+    def slot_names(self, slots):
+        by_slot = {slot: name for name, slot in self.slots.items()}
+        return [by_slot[s] for s in slots]
+
     def names(self, principal):
         return sorted(n for n, t in OWNERS.items() if t == principal.tenant_id)
 
@@ -67,9 +72,14 @@ class StaticAdapters:
 def api_state(demo_assets):
     tokenizer = AutoTokenizer.from_pretrained(demo_assets.model)
     config = EngineConfig(
-        model=str(demo_assets.model), dtype="float32", device="cpu", max_loras=3,
-        max_lora_rank=32, max_model_len=256, max_num_seqs=32,
-    )  # fmt: skip
+        model=str(demo_assets.model),
+        dtype="float32",
+        device="cpu",
+        max_loras=3,
+        max_lora_rank=32,
+        max_model_len=256,
+        max_num_seqs=32,
+    )
     engine = Engine(config, tokenizer=tokenizer.backend_tokenizer)
     slots = {}
     for slot, (name, path) in enumerate(demo_assets.adapters.items()):
@@ -77,15 +87,22 @@ def api_state(demo_assets):
         slots[name] = slot
     thread = EngineThread(engine).start()
     config = ApiConfig(
-        served_model_name="demo-base", max_model_len=256, max_num_seqs=32,
-        max_queued_requests=64, max_concurrent_per_tenant=48,
-    )  # fmt: skip
+        served_model_name="demo-base",
+        max_model_len=256,
+        max_num_seqs=32,
+        max_queued_requests=64,
+        max_concurrent_per_tenant=48,
+    )
+    resolver = StaticAdapters(slots)
+    metrics = ApiMetrics("demo-base")
+    metrics.watch_engine(thread.stats, resolver.slot_names, max_loras=3)
     state = ApiState(
         config=config,
         client=EngineClient(thread),
         text=TextProcessor(tokenizer),
-        resolver=StaticAdapters(slots),
+        resolver=resolver,
         authenticator=StaticKeys(),
+        metrics=metrics,
     )
     yield state
     thread.stop()

@@ -40,26 +40,42 @@ def test_chat_with_an_adapter_and_with_the_base(acme):
 
 def test_completions_with_logprobs_and_n(acme):
     out = acme.completions.create(
-        model="french", prompt="Hello", max_tokens=4, temperature=0.8, seed=3, n=2,
-        logprobs=2, extra_body={"top_k": 20, "ignore_eos": True},
-    )  # fmt: skip
+        model="french",
+        prompt="Hello",
+        max_tokens=4,
+        temperature=0.8,
+        seed=3,
+        n=2,
+        logprobs=2,
+        extra_body={"top_k": 20, "ignore_eos": True},
+    )
     assert [c.index for c in out.choices] == [0, 1]
     for choice in out.choices:
         assert len(choice.logprobs.tokens) == 4 == len(choice.logprobs.token_logprobs)
         assert all(len(top) == 2 for top in choice.logprobs.top_logprobs)
         assert all(lp <= 0 for lp in choice.logprobs.token_logprobs)
     again = acme.completions.create(
-        model="french", prompt="Hello", max_tokens=4, temperature=0.8, seed=3, n=2,
+        model="french",
+        prompt="Hello",
+        max_tokens=4,
+        temperature=0.8,
+        seed=3,
+        n=2,
         extra_body={"top_k": 20, "ignore_eos": True},
-    )  # fmt: skip
+    )
     assert [c.text for c in again.choices] == [c.text for c in out.choices]
 
 
 def test_streaming_chat_with_usage(acme):
     stream = acme.chat.completions.create(
-        model="french", messages=ASK, temperature=0, stream=True,
-        stream_options={"include_usage": True}, logprobs=True, top_logprobs=1,
-    )  # fmt: skip
+        model="french",
+        messages=ASK,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        logprobs=True,
+        top_logprobs=1,
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == REPLIES["french"]
@@ -131,9 +147,12 @@ def test_disconnect_aborts_the_generation_and_releases_the_slot(server, api_stat
     before = len(resolver.released)
     steps_before = api_state.client.thread.steps
     body = {
-        "model": "pirate", "prompt": "Hi", "max_tokens": 200, "stream": True,
+        "model": "pirate",
+        "prompt": "Hi",
+        "max_tokens": 200,
+        "stream": True,
         "ignore_eos": True,
-    }  # fmt: skip
+    }
     headers = {"Authorization": "Bearer key-acme"}
     with httpx.stream(
         "POST", f"{server}/v1/completions", json=body, headers=headers
@@ -150,3 +169,30 @@ def test_disconnect_aborts_the_generation_and_releases_the_slot(server, api_stat
     assert api_state.client.thread.steps - steps_before < 100
     assert not api_state.client.thread.engine.has_unfinished_requests
     assert api_state.client.num_active == 0
+
+
+def test_metrics_need_the_admin_key_and_count_requests(server, acme):
+    acme.completions.create(model="pirate", prompt="Hi", max_tokens=2)
+    assert httpx.get(f"{server}/metrics").status_code == 401
+    tenant = httpx.get(
+        f"{server}/metrics", headers={"Authorization": "Bearer key-acme"}
+    )
+    assert tenant.status_code == 403
+    text = httpx.get(
+        f"{server}/metrics", headers={"Authorization": "Bearer key-admin"}
+    ).text
+    for series in (
+        'vllm:num_requests_running{model_name="demo-base"}',
+        "vllm:time_to_first_token_seconds_bucket",
+        "vllm:e2e_request_latency_seconds_count",
+        'vllm:request_success_total{finished_reason="length",model_name="demo-base"}',
+        'loraplex_tenant_requests_total{model="pirate",tenant="acme"}',
+        "vllm:lora_requests_info{",
+    ):
+        assert series in text, series
+
+
+def test_probes(server):
+    assert httpx.get(f"{server}/livez").json() == {"status": "ok"}
+    ready = httpx.get(f"{server}/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"

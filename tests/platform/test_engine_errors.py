@@ -10,7 +10,7 @@ import torch
 from engine_utils import greedy, run_to_completion
 from safetensors.torch import load_file, save_file
 
-from conftest import save_random_adapter, save_tiny_model
+from checkpoints import save_random_adapter, save_tiny_model
 from loraplex.adapters_registry import AdapterInvalid, load_adapter_dir
 from loraplex.platform import (
     AdapterShapeError,

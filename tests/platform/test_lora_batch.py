@@ -8,7 +8,7 @@ import transformers
 from engine_utils import greedy, hf_greedy, run_to_completion
 from peft import PeftModel
 
-from conftest import save_random_adapter
+from checkpoints import save_random_adapter
 from loraplex.adapters_registry import load_adapter_dir
 from loraplex.platform import Engine, EngineConfig
 
@@ -114,9 +114,14 @@ def test_preemption_leaves_outputs_unchanged(setup):
     requests = requests_over_adapters(seed=2)
     # 24 blocks of 4 tokens: less than the 10 requests need together, enough for any one.
     engine, got = run_engine(
-        model_dir, dirs, requests, 12, max_num_batched_tokens=32, num_kv_blocks=24,
+        model_dir,
+        dirs,
+        requests,
+        12,
+        max_num_batched_tokens=32,
+        num_kv_blocks=24,
         max_model_len=64,
-    )  # fmt: skip
+    )
     assert engine.stats().num_preemptions > 0
     for rid, prompt, adapter in requests:
         assert got[rid] == expected_tokens(peft_model, prompt, adapter, 12), (

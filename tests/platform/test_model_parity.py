@@ -9,7 +9,7 @@ import torch
 import transformers
 from engine_utils import greedy, hf_greedy, run_to_completion
 
-from conftest import ARCHITECTURES
+from checkpoints import ARCHITECTURES
 from loraplex.platform import Engine, EngineConfig, SamplingParams
 from loraplex.platform.inputs import prepare_inputs
 
@@ -70,7 +70,7 @@ def test_32_greedy_tokens_match_transformers(arch, tiny_models):
 
 
 def test_sharded_checkpoint_and_bf16_load(tmp_path):
-    from conftest import save_tiny_model
+    from checkpoints import save_tiny_model
 
     model_dir = tmp_path / "sharded"
     save_tiny_model(model_dir, "llama3.1", seed=3)

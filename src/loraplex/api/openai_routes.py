@@ -131,20 +131,31 @@ def _max_tokens(
 @asynccontextmanager
 async def _admitted(state: ApiState, principal: Principal, model: str):
     """Admission: queue bound, per-tenant concurrency, then the adapter's slot (pinned)."""
-    if not state.client.thread.alive:
-        raise ApiError(503, "the engine is not running", retry_after=5)
-    if state.draining:
-        raise ApiError(503, "the server is shutting down", retry_after=5)
-    if (
-        state.client.num_active
-        >= state.config.max_num_seqs + state.config.max_queued_requests
-    ):
-        raise ApiError(
-            503, "too many requests are queued; retry shortly", retry_after=1
-        )
     tenant = principal.label
-    if state.active_by_tenant[tenant] >= state.config.max_concurrent_per_tenant:
-        raise ApiError(429, "too many concurrent requests for this key", retry_after=1)
+    config = state.config
+    rejection = None
+    if not state.client.thread.alive:
+        rejection = ("engine_down", 503, "the engine is not running", 5)
+    elif state.draining:
+        rejection = ("draining", 503, "the server is shutting down", 5)
+    elif state.client.num_active >= config.max_num_seqs + config.max_queued_requests:
+        rejection = (
+            "queue_full",
+            503,
+            "too many requests are queued; retry shortly",
+            1,
+        )
+    elif state.active_by_tenant[tenant] >= config.max_concurrent_per_tenant:
+        rejection = (
+            "tenant_limit",
+            429,
+            "too many concurrent requests for this key",
+            1,
+        )
+    if rejection is not None:
+        reason, status, message, retry_after = rejection
+        state.metrics.rejections.labels(reason).inc()
+        raise ApiError(status, message, retry_after=retry_after)
     lease = None
     if model != state.config.served_model_name:
         lease = await state.resolver.acquire(principal, model)
@@ -190,8 +201,9 @@ async def _submit(
         raise ApiError(503, "the engine is not running", retry_after=5) from None
 
 
-async def _collect(streams: list[RequestStream], results: list[ChoiceResult]) -> None:
+async def _collect(streams: list[RequestStream], results: list[ChoiceResult], timers):
     async for i, out in merge(streams):
+        timers[i].observe(out)
         results[i].add(out)
 
 
@@ -244,6 +256,7 @@ async def create_completion(
     rid = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     results = [ChoiceResult(i, len(p)) for i, (p, _) in enumerate(fan)]
+    timers = [state.metrics.timer(principal.label, body.model) for _ in fan]
     prompt_tokens = sum(len(p) for p in prompts)
 
     def choice(r: ChoiceResult, text: str, tokens, lps, offset: int, reason) -> dict:
@@ -268,6 +281,7 @@ async def create_completion(
 
             async def events() -> AsyncIterator[bytes]:
                 async for i, out in merge(streams):
+                    timers[i].observe(out)
                     r = results[i]
                     offset = len(r.text)
                     r.add(out)
@@ -304,7 +318,9 @@ async def create_completion(
 
             return _streaming(events(), streams, release)
         try:
-            await run_until_disconnect(request.receive, _collect(streams, results))
+            await run_until_disconnect(
+                request.receive, _collect(streams, results, timers)
+            )
         finally:
             for s in streams:
                 s.close()
@@ -344,6 +360,7 @@ async def create_chat_completion(
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     results = [ChoiceResult(i, len(prompt)) for i in range(len(fan))]
+    timers = [state.metrics.timer(principal.label, body.model) for _ in fan]
 
     def lp(tokens, lps):
         return (
@@ -382,6 +399,7 @@ async def create_chat_completion(
                         }
                     )
                 async for i, out in merge(streams):
+                    timers[i].observe(out)
                     r = results[i]
                     r.add(out)
                     reason = r.finish_reason if out.finished else None
@@ -409,7 +427,9 @@ async def create_chat_completion(
 
             return _streaming(events(), streams, release)
         try:
-            await run_until_disconnect(request.receive, _collect(streams, results))
+            await run_until_disconnect(
+                request.receive, _collect(streams, results, timers)
+            )
         finally:
             for s in streams:
                 s.close()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from .auth import AdminDep
 from .state import get_state
 
 router = APIRouter(tags=["ops"])
@@ -33,3 +35,10 @@ async def readyz(request: Request) -> JSONResponse:
 async def health(request: Request) -> JSONResponse:
     """Alias of /readyz."""
     return await readyz(request)
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request, _: AdminDep) -> Response:
+    """Prometheus text format (admin key): vLLM-compatible series and loraplex's own."""
+    registry = get_state(request).metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from fastapi import Request
 
 from .engine_client import EngineClient
+from .metrics import ApiMetrics
 from .text import TextProcessor
 
 
@@ -60,6 +62,9 @@ class AdapterResolver(Protocol):
     def names(self, principal: Principal) -> list[str]:
         """The caller's servable adapter names."""
 
+    def slot_names(self, slots: Iterable[int]) -> list[str]:
+        """The names of the adapters in these slots (for metrics)."""
+
 
 class Authenticator(Protocol):
     def authenticate(self, api_key: str) -> Principal | None:
@@ -73,6 +78,7 @@ class ApiState:
     text: TextProcessor
     resolver: AdapterResolver
     authenticator: Authenticator
+    metrics: ApiMetrics
     started_at: float = field(default_factory=time.time)
     active_by_tenant: Counter[str] = field(default_factory=Counter)
     draining: bool = False

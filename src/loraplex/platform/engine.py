@@ -32,11 +32,17 @@ _DTYPES = {
 
 @dataclass(frozen=True)
 class EngineStats:
+    """A snapshot of the engine's load."""
+
     num_running: int
     num_waiting: int
     num_free_kv_blocks: int
     num_kv_blocks: int
     num_preemptions: int
+    running_slots: tuple[
+        int, ...
+    ] = ()  # adapter slots of running requests, one per request
+    waiting_slots: tuple[int, ...] = ()
 
 
 class Engine:
@@ -225,6 +231,12 @@ class Engine:
             num_free_kv_blocks=blocks.num_free_blocks,
             num_kv_blocks=blocks.num_blocks,
             num_preemptions=self.scheduler.num_preemptions,
+            running_slots=tuple(
+                r.slot for r in self.scheduler.running if r.slot is not None
+            ),
+            waiting_slots=tuple(
+                r.slot for r in self.scheduler.waiting if r.slot is not None
+            ),
         )
 
     def _take_finished(self, outputs: list[RequestOutput]) -> list[RequestOutput]:

@@ -1,0 +1,198 @@
+"""Prometheus metrics: vLLM-compatible series (so gateways and dashboards work) and loraplex's own.
+
+Every series lives in one CollectorRegistry per app (not the process-global one), so that tests
+and several apps in one process never mix their numbers. Label sets are bounded: model names are
+the base model and registered adapters, tenants are created by the operator, reasons and tiers
+are fixed lists.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from loraplex.platform import EngineStats, RequestOutput
+
+_LATENCY_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+
+
+class _EngineCollector(Collector):
+    """Gauges read from the engine's snapshot at scrape time."""
+
+    def __init__(
+        self,
+        model_name: str,
+        stats: Callable[[], EngineStats],
+        slot_names: Callable[[Iterable[int]], list[str]],
+        max_loras: int,
+    ):
+        self.model_name = model_name
+        self.stats = stats
+        self.slot_names = slot_names
+        self.max_loras = max_loras
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self.stats()
+        labels = ["model_name"]
+        for name, value, doc in (
+            (
+                "vllm:num_requests_running",
+                stats.num_running,
+                "Requests in the running batch.",
+            ),
+            (
+                "vllm:num_requests_waiting",
+                stats.num_waiting,
+                "Requests waiting to run.",
+            ),
+            (
+                "vllm:kv_cache_usage_perc",
+                1 - stats.num_free_kv_blocks / max(stats.num_kv_blocks, 1),
+                "Fraction of KV-cache blocks in use (0-1).",
+            ),
+        ):
+            gauge = GaugeMetricFamily(name, doc, labels=labels)
+            gauge.add_metric([self.model_name], value)
+            yield gauge
+        info = GaugeMetricFamily(
+            "vllm:lora_requests_info",
+            "Adapters of running and waiting requests (value: scrape time).",
+            labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+        )
+        running = ",".join(sorted(set(self.slot_names(stats.running_slots))))
+        waiting = ",".join(sorted(set(self.slot_names(stats.waiting_slots))))
+        info.add_metric([running, waiting, str(self.max_loras)], time.time())
+        yield info
+
+
+class ApiMetrics:
+    """The API's request-level series; `observe` is fed every output of every request."""
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.model_name = model_name
+        labels = ["model_name"]
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds",
+            "Time to first token.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.itl = Histogram(
+            "vllm:inter_token_latency_seconds",
+            "Time between two output tokens.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds",
+            "Request latency, arrival to last token.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            "vllm:prompt_tokens",
+            "Prompt tokens processed.",
+            labels,
+            registry=self.registry,
+        )
+        self.generation_tokens = Counter(
+            "vllm:generation_tokens",
+            "Tokens generated.",
+            labels,
+            registry=self.registry,
+        )
+        self.success = Counter(
+            "vllm:request_success",
+            "Finished requests by reason.",
+            ["model_name", "finished_reason"],
+            registry=self.registry,
+        )
+        self.tenant_requests = Counter(
+            "loraplex_tenant_requests",
+            "Requests per tenant and adapter (or base).",
+            ["tenant", "model"],
+            registry=self.registry,
+        )
+        self.tenant_tokens = Counter(
+            "loraplex_tenant_tokens",
+            "Prompt and generated tokens per tenant.",
+            ["tenant", "kind"],
+            registry=self.registry,
+        )
+        self.rejections = Counter(
+            "loraplex_rejections",
+            "Requests refused, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+
+    def watch_engine(
+        self,
+        stats: Callable[[], EngineStats],
+        slot_names: Callable[[Iterable[int]], list[str]],
+        max_loras: int,
+    ) -> None:
+        self.registry.register(
+            _EngineCollector(self.model_name, stats, slot_names, max_loras)
+        )
+
+    def timer(self, tenant: str, model: str) -> RequestTimer:
+        self.tenant_requests.labels(tenant, model).inc()
+        return RequestTimer(self, tenant)
+
+
+class RequestTimer:
+    """Latency bookkeeping of one engine request (one choice)."""
+
+    def __init__(self, metrics: ApiMetrics, tenant: str) -> None:
+        self.metrics = metrics
+        self.tenant = tenant
+        self.started = time.monotonic()
+        self.last_token: float | None = None
+
+    def observe(self, out: RequestOutput) -> None:
+        m, name = self.metrics, self.metrics.model_name
+        now = time.monotonic()
+        tokens = len(out.new_token_ids)
+        if tokens:
+            if self.last_token is None:
+                m.ttft.labels(name).observe(now - self.started)
+            else:
+                m.itl.labels(name).observe((now - self.last_token) / tokens)
+            self.last_token = now
+            m.generation_tokens.labels(name).inc(tokens)
+            m.tenant_tokens.labels(self.tenant, "generated").inc(tokens)
+        if out.finished:
+            m.e2e.labels(name).observe(now - self.started)
+            m.prompt_tokens.labels(name).inc(out.num_prompt_tokens)
+            m.tenant_tokens.labels(self.tenant, "prompt").inc(out.num_prompt_tokens)
+            reason = out.finish_reason.value if out.finish_reason else "abort"
+            m.success.labels(name, reason).inc()
