@@ -1,0 +1,183 @@
+"""What the inference routes share: request → SamplingParams, admission, submission, streaming."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
+
+from loraplex.platform import EngineDeadError, InvalidRequestError, SamplingParams
+
+from .engine_client import RequestStream, Submission
+from .errors import ApiError
+from .generation import ChoiceResult, merge
+from .schemas import SamplingFields
+from .state import ApiState, Principal
+
+
+def sampling_params(
+    body: SamplingFields, state: ApiState, max_tokens: int, logprobs: int | None, seed
+):
+    limits = state.config
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stops) > limits.max_stop:
+        raise ApiError(400, f"at most {limits.max_stop} stop sequences", param="stop")
+    if any(len(s) > limits.max_stop_length or not s for s in stops):
+        raise ApiError(
+            400,
+            f"stop sequences must have 1 to {limits.max_stop_length} characters",
+            param="stop",
+        )
+    if logprobs is not None and logprobs > limits.max_logprobs:
+        raise ApiError(400, f"at most {limits.max_logprobs} logprobs", param="logprobs")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name):
+            raise ApiError(400, f"{name} is not supported", param=name)
+    top_k = body.top_k if body.top_k and body.top_k > 0 else 0
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=top_k,
+        min_p=body.min_p or 0.0,
+        seed=seed,
+        stop=tuple(stops),
+        ignore_eos=body.ignore_eos,
+        logprobs=logprobs,
+    )
+
+
+def check_n(body: SamplingFields, state: ApiState, num_prompts: int) -> None:
+    if body.n > state.config.max_n:
+        raise ApiError(400, f"n is at most {state.config.max_n}", param="n")
+    if num_prompts * body.n > state.config.max_prompts:
+        raise ApiError(
+            400,
+            f"at most {state.config.max_prompts} prompts x n per request",
+            param="prompt",
+        )
+
+
+def max_tokens_for(
+    requested: int | None, prompt_len: int, state: ApiState, param: str
+) -> int:
+    limit = state.config.max_model_len
+    if requested is None:
+        requested = limit - prompt_len
+    if prompt_len + requested > limit:
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} in the "
+            "completion). Please reduce the length of the prompt or completion.",
+            param=param,
+            code="context_length_exceeded",
+        )
+    return requested
+
+
+@asynccontextmanager
+async def admitted(state: ApiState, principal: Principal, model: str):
+    """Admission: queue bound, per-tenant concurrency, then the adapter's slot (pinned)."""
+    tenant = principal.label
+    config = state.config
+    rejection = None
+    if not state.client.thread.alive:
+        rejection = ("engine_down", 503, "the engine is not running", 5)
+    elif state.draining:
+        rejection = ("draining", 503, "the server is shutting down", 5)
+    elif state.client.num_active >= config.max_num_seqs + config.max_queued_requests:
+        rejection = (
+            "queue_full",
+            503,
+            "too many requests are queued; retry shortly",
+            1,
+        )
+    elif state.active_by_tenant[tenant] >= config.max_concurrent_per_tenant:
+        rejection = (
+            "tenant_limit",
+            429,
+            "too many concurrent requests for this key",
+            1,
+        )
+    if rejection is not None:
+        reason, status, message, retry_after = rejection
+        state.metrics.rejections.labels(reason).inc()
+        raise ApiError(status, message, retry_after=retry_after)
+    lease = None
+    if model != state.config.served_model_name:
+        lease = await state.resolver.acquire(principal, model)
+        if lease is None:
+            raise ApiError(
+                404,
+                f"The model `{model}` does not exist.",
+                param="model",
+                code="model_not_found",
+            )
+    state.active_by_tenant[tenant] += 1
+    released = False
+
+    def release() -> (
+        None
+    ):  # idempotent: the stream's cleanup and error paths may both call it
+        nonlocal released
+        if not released:
+            released = True
+            if lease is not None:
+                lease.release()
+            state.active_by_tenant[tenant] -= 1
+
+    try:
+        yield (lease.slot if lease is not None else None), release
+    except BaseException:
+        release()
+        raise
+
+
+async def submit(
+    state: ApiState, prefix: str, prompts, params: list[SamplingParams], slot
+):
+    submissions = [
+        Submission(state.client.new_request_id(prefix), prompt, p, slot)
+        for prompt, p in zip(prompts, params, strict=True)
+    ]
+    try:
+        return await state.client.submit(submissions)
+    except InvalidRequestError as exc:
+        raise ApiError(400, str(exc)) from None
+    except EngineDeadError:
+        raise ApiError(503, "the engine is not running", retry_after=5) from None
+
+
+async def collect(streams: list[RequestStream], results: list[ChoiceResult], timers):
+    async for i, out in merge(streams):
+        timers[i].observe(out)
+        results[i].add(out)
+
+
+def fan_out(body: SamplingFields, prompts: list[list[int]]):
+    """Each prompt n times; choice i*n + j gets seed + j so the n samples differ."""
+    seeds = [
+        None if body.seed is None else (body.seed + j) % 2**64 for j in range(body.n)
+    ]
+    return [(p, seeds[j]) for p in prompts for j in range(body.n)]
+
+
+def streaming_response(
+    events: AsyncIterator[bytes], streams: list[RequestStream], release
+) -> StreamingResponse:
+    """An SSE response whose cleanup (abort unfinished requests, unpin the slot) always runs."""
+
+    def cleanup() -> None:
+        for s in streams:
+            s.close()
+        release()
+
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        background=BackgroundTask(cleanup),
+        headers={"Cache-Control": "no-cache"},
+    )
