@@ -6,8 +6,8 @@ Public ops:
   segment metadata built once per step by `build_segments`.
 
 `backend="auto"` runs Triton on CUDA tensors and the torch reference on CPU tensors; `"torch"`
-forces the reference; `"triton"` forces the kernels (under `TRITON_INTERPRET=1` on CPU tensors).
-Nothing falls back silently from one backend to another.
+forces the reference; `"triton"` forces the kernels (on CPU tensors in Triton's interpreter, as
+`TRITON_INTERPRET=1` would run them). Nothing falls back silently from one backend to another.
 """
 
 from __future__ import annotations
@@ -18,12 +18,18 @@ from typing import Literal
 import torch
 
 from .reference import add_lora_reference, lora_expand_reference, lora_shrink_reference
-from .segments import LoraSegments, build_segments
+from .segments import (
+    LoraSegmentBuffers,
+    LoraSegments,
+    build_segments,
+    segments_from_slot_tensor,
+)
 
 Backend = Literal["auto", "torch", "triton"]
 
 __all__ = [
     "Backend",
+    "LoraSegmentBuffers",
     "LoraSegments",
     "add_lora",
     "build_segments",
@@ -47,9 +53,10 @@ def resolve_backend(
 
 
 def _triton_ops():
-    raise NotImplementedError(
-        "the Triton SGMV kernels are not built yet; use backend='torch' (the reference) for now"
-    )
+    """The kernel modules, imported on first use: triton exists only on Linux x86-64 hosts."""
+    from . import expand, shrink
+
+    return shrink, expand
 
 
 def add_lora(
@@ -79,7 +86,14 @@ def add_lora(
     if resolve_backend(backend, x) == "torch":
         add_lora_reference(y, x, lora_a, lora_b, ranks, scales, token_slots)
         return
-    _triton_ops()
+    shrink, expand = _triton_ops()
+    # Grouped on the device with torch ops: no host sync, a capacity-sized grid.
+    segments = segments_from_slot_tensor(token_slots, lora_a.shape[0])
+    v = shrink.sgmv_shrink(x, lora_a, ranks[:, None], segments)
+    slice_offsets = (0, y.shape[1])
+    expand.sgmv_expand(
+        y, v, lora_b, ranks[:, None], scales[:, None], slice_offsets, segments
+    )
 
 
 def lora_shrink(
@@ -96,11 +110,14 @@ def lora_shrink(
     :param lora_a: [num_slots, num_slices * max_rank, in_features].
     :param ranks: [num_slots, num_slices] int32.
     :param segments: the step's token grouping from `build_segments`.
-    :return: [num_tokens, num_slices * max_rank] float32.
+    :return: [num_tokens, num_slices * max_rank] float32. The reference zeroes the entries that
+        no (token, column within rank) pair owns; the Triton path leaves them unwritten, since
+        `lora_expand` never reads them.
     """
     if resolve_backend(backend, x) == "torch":
         return lora_shrink_reference(x, lora_a, ranks, segments.token_slots)
-    return _triton_ops()
+    shrink, _ = _triton_ops()
+    return shrink.sgmv_shrink(x, lora_a, ranks, segments)
 
 
 def lora_expand(
@@ -129,4 +146,5 @@ def lora_expand(
             y, v, lora_b, ranks, scales, slice_offsets, segments.token_slots
         )
         return
-    _triton_ops()
+    _, expand = _triton_ops()
+    expand.sgmv_expand(y, v, lora_b, ranks, scales, slice_offsets, segments)

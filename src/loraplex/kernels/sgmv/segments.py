@@ -1,8 +1,22 @@
-"""Segment metadata: the tokens of one step grouped by adapter slot, built once on the host.
+"""Segment metadata: the tokens of one step grouped by adapter slot, built once per step.
 
 Every LoRA linear of every layer in a step reads the same metadata, so it is built once per step
 from the scheduler's host ints and copied to the device in one transfer; nothing in a kernel
 launch reads it back to the host.
+
+A segment is the run of tokens (in `sorted_tokens` order) that share one slot. The Triton kernels
+work on tiles: each segment is cut into tiles of at most `tile_tokens` tokens, and one program
+handles one tile. A 1-token decode segment and a 512-token prefill chunk therefore share one
+launch, and the grid is sized by the number of tiles, never by the longest segment. Tiles whose
+length is 0 (the unused tail of a preallocated buffer, or an empty segment) exit at once, so a
+grid fixed by buffer capacity stays correct under CUDA-graph replay whatever the batch holds.
+
+Three builders:
+- `build_segments(token_slots, device)`: from host ints, exact sizes (eager steps).
+- `LoraSegmentBuffers.make(...)` + `.fill(token_slots)`: fixed addresses and capacity-sized grid,
+  for CUDA-graph capture and replay.
+- `segments_from_slot_tensor(token_slots, num_slots)`: from a device tensor with torch ops only
+  (no host sync); used by the functional `add_lora`.
 """
 
 from __future__ import annotations
@@ -12,23 +26,38 @@ from dataclasses import dataclass
 
 import torch
 
+# 64 rows fills one Hopper warpgroup MMA and re-reads an adapter's A and B once per 64 tokens of
+# a prefill chunk; decode tiles (1 token) get a smaller BLOCK_M from `max_tile_len`.
+DEFAULT_TILE_TOKENS = 64
+
 
 @dataclass(frozen=True)
 class LoraSegments:
-    """Which tokens of a flat batch use which adapter slot.
+    """Which tokens of a flat batch use which adapter slot, grouped for the SGMV kernels.
 
-    A segment is the run of tokens (in `sorted_tokens` order) that share one slot; tokens of
-    base-only requests (slot -1) belong to no segment.
+    Tokens of base-only requests (slot -1) belong to no segment and no tile: they cost nothing.
     """
 
     token_slots: torch.Tensor  # [num_tokens] int32, -1 = base model only
     sorted_tokens: (
         torch.Tensor
-    )  # [num_lora_tokens] int32, token indices grouped by ascending slot
+    )  # [>= num_lora_tokens] int32, token indices by ascending slot
     segment_starts: torch.Tensor  # [num_segments + 1] int32, offsets into sorted_tokens
     segment_slots: torch.Tensor  # [num_segments] int32, the slot of each segment
-    num_lora_tokens: int  # host copy: tokens that belong to some segment
-    num_segments: int  # host copy: distinct slots present in the batch
+    tile_starts: (
+        torch.Tensor
+    )  # [num_tiles] int32, first entry of each tile in sorted_tokens
+    tile_lens: torch.Tensor  # [num_tiles] int32, tokens in each tile; 0 = unused, exits
+    tile_slots: torch.Tensor  # [num_tiles] int32, the slot of each tile (>= 0)
+    num_lora_tokens: (
+        int  # host: tokens that belong to some segment (an upper bound at most)
+    )
+    num_segments: int  # host: segments in segment_slots (some may be empty)
+    num_tiles: int  # host: the kernels' grid size along tiles
+    tile_tokens: int  # host: the most tokens one tile may hold (a power of two >= 16)
+    max_tile_len: (
+        int  # host: an upper bound of tile_lens, which sizes the kernels' BLOCK_M
+    )
 
     @property
     def has_lora(self) -> bool:
@@ -36,14 +65,20 @@ class LoraSegments:
         return self.num_lora_tokens > 0
 
 
-def build_segments(
-    token_slots: Sequence[int], device: torch.device | str = "cpu"
-) -> LoraSegments:
-    """Group the tokens of one step by slot, from host ints, with one host→device copy.
+def _check_tile_tokens(tile_tokens: int) -> None:
+    if tile_tokens < 16 or tile_tokens & (tile_tokens - 1):
+        raise ValueError(f"tile_tokens must be a power of two >= 16, got {tile_tokens}")
 
-    :param token_slots: the slot of each token in batch order, -1 for base-only tokens.
-    :param device: where the kernels will read the metadata.
-    """
+
+def max_tiles(max_tokens: int, max_slots: int, tile_tokens: int) -> int:
+    """Most tiles a batch can need: each slot's segment adds at most one partial tile."""
+    return -(-max_tokens // tile_tokens) + min(max_slots, max_tokens)
+
+
+def _group_on_host(
+    token_slots: Sequence[int], tile_tokens: int
+) -> tuple[list[int], list[int], list[int], list[tuple[int, int, int]]]:
+    """(sorted_tokens, segment_starts, segment_slots, tiles as (start, length, slot))."""
     by_slot: dict[int, list[int]] = {}
     for token, slot in enumerate(token_slots):
         if slot >= 0:
@@ -51,26 +86,197 @@ def build_segments(
     slots = sorted(by_slot)
     sorted_tokens: list[int] = []
     starts = [0]
+    tiles: list[tuple[int, int, int]] = []
     for slot in slots:
+        begin = len(sorted_tokens)
         sorted_tokens.extend(by_slot[slot])
-        starts.append(len(sorted_tokens))
-    num_tokens = len(token_slots)
-    host = torch.tensor(
-        [*token_slots, *sorted_tokens, *starts, *slots],
-        dtype=torch.int32,
-        pin_memory=False,
-    )
+        end = len(sorted_tokens)
+        starts.append(end)
+        for tile_start in range(begin, end, tile_tokens):
+            tiles.append((tile_start, min(tile_tokens, end - tile_start), slot))
+    return sorted_tokens, starts, slots, tiles
+
+
+def build_segments(
+    token_slots: Sequence[int],
+    device: torch.device | str = "cpu",
+    *,
+    tile_tokens: int = DEFAULT_TILE_TOKENS,
+) -> LoraSegments:
+    """Group the tokens of one step by slot, from host ints, with one host→device copy.
+
+    :param token_slots: the slot of each token in batch order, -1 for base-only tokens.
+    :param device: where the kernels will read the metadata.
+    :param tile_tokens: the most tokens one kernel program handles (a power of two >= 16).
+    """
+    _check_tile_tokens(tile_tokens)
+    token_slots = [int(s) for s in token_slots]
+    sorted_tokens, starts, slots, tiles = _group_on_host(token_slots, tile_tokens)
+    tile_columns = list(zip(*tiles, strict=True)) if tiles else [(), (), ()]
+    parts = [token_slots, sorted_tokens, starts, slots, *map(list, tile_columns)]
+    host = torch.tensor([v for part in parts for v in part], dtype=torch.int32)
     packed = host.to(device, non_blocking=True)
-    a, b, c = (
-        num_tokens,
-        num_tokens + len(sorted_tokens),
-        num_tokens + len(sorted_tokens) + len(starts),
-    )
+    views, offset = [], 0
+    for part in parts:
+        views.append(packed[offset : offset + len(part)])
+        offset += len(part)
     return LoraSegments(
-        token_slots=packed[:a],
-        sorted_tokens=packed[a:b],
-        segment_starts=packed[b:c],
-        segment_slots=packed[c:],
+        *views,
         num_lora_tokens=len(sorted_tokens),
         num_segments=len(slots),
+        num_tiles=len(tiles),
+        tile_tokens=tile_tokens,
+        max_tile_len=max((length for _, length, _ in tiles), default=0),
+    )
+
+
+class LoraSegmentBuffers:
+    """Segment metadata in preallocated device memory: fixed addresses, capacity-sized grid.
+
+    Launches captured in a CUDA graph with the `LoraSegments` that `fill` returns stay valid for
+    every later `fill` of at most `max_tokens` tokens and `max_slots` slots: the kernels' grid is
+    sized by capacity (`max_tiles`), and tiles past this step's last one have length 0.
+    """
+
+    def __init__(
+        self,
+        max_tokens: int,
+        max_slots: int,
+        device: torch.device,
+        tile_tokens: int,
+    ) -> None:
+        _check_tile_tokens(tile_tokens)
+        self.max_tokens, self.max_slots, self.tile_tokens = (
+            max_tokens,
+            max_slots,
+            tile_tokens,
+        )
+        self.max_tiles = max_tiles(max_tokens, max_slots, tile_tokens)
+        self._sizes = (
+            max_tokens,  # token_slots
+            max_tokens,  # sorted_tokens
+            max_slots + 1,  # segment_starts
+            max_slots,  # segment_slots
+            self.max_tiles,  # tile_starts
+            self.max_tiles,  # tile_lens
+            self.max_tiles,  # tile_slots
+        )
+        self.device = torch.device(device)
+        pinned = self.device.type == "cuda"
+        self._host = torch.zeros(sum(self._sizes), dtype=torch.int32, pin_memory=pinned)
+        self._device = torch.zeros_like(self._host, device=self.device)
+        # The host staging buffer is rewritten each step; the event says the last copy is done.
+        self._copied = torch.cuda.Event() if pinned else None
+
+    @classmethod
+    def make(
+        cls,
+        max_tokens: int,
+        max_slots: int,
+        device: torch.device | str,
+        tile_tokens: int = DEFAULT_TILE_TOKENS,
+    ) -> LoraSegmentBuffers:
+        return cls(max_tokens, max_slots, torch.device(device), tile_tokens)
+
+    def fill(self, token_slots: Sequence[int]) -> LoraSegments:
+        """Write this step's grouping into the buffers (one copy) and return views of them.
+
+        The views keep their addresses from fill to fill; only `token_slots` is sized by the
+        batch, so a captured graph must be replayed with batches of the length it was captured at
+        (pad with -1 tokens).
+        """
+        token_slots = [int(s) for s in token_slots]
+        if len(token_slots) > self.max_tokens:
+            raise ValueError(
+                f"{len(token_slots)} tokens exceed the buffers' {self.max_tokens}"
+            )
+        if token_slots and max(token_slots) >= self.max_slots:
+            raise ValueError(f"slot {max(token_slots)} >= max_slots {self.max_slots}")
+        sorted_tokens, starts, slots, tiles = _group_on_host(
+            token_slots, self.tile_tokens
+        )
+        # Unused tiles: length 0 (the program exits); slot 0 keeps every pointer in bounds.
+        padding = [(0, 0, 0)] * (self.max_tiles - len(tiles))
+        tile_columns = list(zip(*(tiles + padding), strict=True))
+        tail_start = starts[-1]
+        parts = [
+            token_slots + [-1] * (self.max_tokens - len(token_slots)),
+            sorted_tokens + [0] * (self.max_tokens - len(sorted_tokens)),
+            starts + [tail_start] * (self.max_slots + 1 - len(starts)),
+            slots + [0] * (self.max_slots - len(slots)),
+            *map(list, tile_columns),
+        ]
+        if self._copied is not None:
+            self._copied.synchronize()
+        self._host.copy_(torch.tensor([v for part in parts for v in part]))
+        self._device.copy_(self._host, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        views, offset = [], 0
+        for size in self._sizes:
+            views.append(self._device[offset : offset + size])
+            offset += size
+        views[0] = views[0][: len(token_slots)]
+        return LoraSegments(
+            *views,
+            num_lora_tokens=len(sorted_tokens),
+            num_segments=self.max_slots,
+            num_tiles=self.max_tiles,
+            tile_tokens=self.tile_tokens,
+            max_tile_len=self.tile_tokens,
+        )
+
+
+def segments_from_slot_tensor(
+    token_slots: torch.Tensor,
+    num_slots: int,
+    *,
+    tile_tokens: int = DEFAULT_TILE_TOKENS,
+) -> LoraSegments:
+    """Group tokens by slot with torch ops on the tensor's own device, with no host sync.
+
+    Every slot gets a (possibly empty) segment and the grid is sized by capacity, since the
+    number of distinct slots present is not known on the host.
+
+    :param token_slots: [num_tokens] integer tensor, -1 = base model only.
+    :param num_slots: slots in the adapter tensors; every token's slot must be below it.
+    """
+    _check_tile_tokens(tile_tokens)
+    device = token_slots.device
+    num_tokens = token_slots.shape[0]
+    slots = token_slots.long()
+    key = torch.where(slots < 0, num_slots, slots)  # base-only tokens sort last
+    order = torch.sort(key, stable=True).indices
+    counts = torch.zeros(num_slots + 1, dtype=torch.long, device=device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    counts = counts[:num_slots]
+    segment_ends = torch.cumsum(counts, 0)
+    segment_starts = segment_ends - counts
+    tiles_per_slot = (counts + tile_tokens - 1) // tile_tokens
+    tile_ends = torch.cumsum(
+        tiles_per_slot, 0
+    )  # [num_slots], exclusive end tile per slot
+    capacity = max_tiles(num_tokens, num_slots, tile_tokens)
+    tile_ids = torch.arange(capacity, device=device)
+    tile_slot = torch.searchsorted(tile_ends, tile_ids, right=True)
+    in_use = tile_slot < num_slots
+    tile_slot = tile_slot.clamp(max=num_slots - 1)
+    first_tile = tile_ends[tile_slot] - tiles_per_slot[tile_slot]
+    tile_start = segment_starts[tile_slot] + (tile_ids - first_tile) * tile_tokens
+    tile_len = (segment_ends[tile_slot] - tile_start).clamp(0, tile_tokens)
+    tile_len = torch.where(in_use, tile_len, 0)
+    tile_start = torch.where(in_use, tile_start, 0)
+    return LoraSegments(
+        token_slots=token_slots.to(torch.int32),
+        sorted_tokens=order.to(torch.int32),
+        segment_starts=torch.cat([segment_starts, segment_ends[-1:]]).to(torch.int32),
+        segment_slots=torch.arange(num_slots, dtype=torch.int32, device=device),
+        tile_starts=tile_start.to(torch.int32),
+        tile_lens=tile_len.to(torch.int32),
+        tile_slots=tile_slot.to(torch.int32),
+        num_lora_tokens=num_tokens,
+        num_segments=num_slots,
+        num_tiles=capacity,
+        tile_tokens=tile_tokens,
+        max_tile_len=tile_tokens,
     )

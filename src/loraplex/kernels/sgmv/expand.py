@@ -1,0 +1,229 @@
+"""y[t, o_i + n] += scales[s, i] · Σ_{j < ranks[s, i]} v[t, i·R + j] · B[s, o_i + n, j], s = s(t).
+
+SGMV expand, all output slices of one fused linear (q/k/v of different widths under GQA,
+gate/up) in one launch. The output blocks of the slices are laid back to back along grid axis 0,
+so a narrow k/v slice launches only its own blocks; axis 1 is the tile of tokens. Each program
+loops over the rank in steps of BLOCK_R up to its slot's own rank for its slice, so a rank-8
+adapter does one step where a rank-64 one does four, and a slice of rank 0 exits. v (float32) is
+rounded to the activation dtype for the tensor-core product, which accumulates in float32.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import SUPPORTED_DTYPES, dot_precision, kernel_for, next_pow2
+from .segments import LoraSegments
+
+
+@triton.jit
+def sgmv_expand_kernel(
+    y_ptr,
+    v_ptr,
+    lora_b_ptr,
+    ranks_ptr,
+    scales_ptr,
+    sorted_tokens_ptr,
+    tile_starts_ptr,
+    tile_lens_ptr,
+    tile_slots_ptr,
+    slice_offsets,
+    slice_first_blocks,
+    max_rank,
+    stride_y_token,
+    stride_v_token,
+    stride_b_slot,
+    stride_b_row,
+    stride_ranks_slot,
+    stride_scales_slot,
+    NUM_SLICES: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_tile = tl.program_id(1)
+    tile_len = tl.load(tile_lens_ptr + pid_tile)
+    if tile_len == 0:  # unused capacity of a graph-sized grid, or an empty segment
+        return
+    slot = tl.load(tile_slots_ptr + pid_tile).to(tl.int64)
+
+    # Which slice owns output block pid_n: the slices' blocks are laid back to back.
+    slice_id = 0
+    col_start = slice_offsets[0]
+    col_end = slice_offsets[1]
+    first_block = slice_first_blocks[0]
+    for i in tl.static_range(1, NUM_SLICES):
+        here = pid_n >= slice_first_blocks[i]
+        slice_id = tl.where(here, i, slice_id)
+        col_start = tl.where(here, slice_offsets[i], col_start)
+        col_end = tl.where(here, slice_offsets[i + 1], col_end)
+        first_block = tl.where(here, slice_first_blocks[i], first_block)
+    rank = tl.load(ranks_ptr + slot * stride_ranks_slot + slice_id)
+    if rank == 0:  # this adapter leaves the slice alone
+        return
+    scale = tl.load(scales_ptr + slot * stride_scales_slot + slice_id)
+
+    tile_start = tl.load(tile_starts_ptr + pid_tile)
+    offs_m = tl.arange(0, BLOCK_M)
+    row_valid = offs_m < tile_len
+    tokens = tl.load(sorted_tokens_ptr + tile_start + offs_m, mask=row_valid, other=0)
+    tokens = tokens.to(tl.int64)
+    offs_n = col_start + (pid_n - first_block) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_valid = offs_n < col_end
+    v_rows = v_ptr + tokens[:, None] * stride_v_token + slice_id * max_rank
+    b_cols = lora_b_ptr + slot * stride_b_slot + offs_n[None, :] * stride_b_row
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r in range(0, rank, BLOCK_R):
+        offs_r = r + tl.arange(0, BLOCK_R)
+        r_valid = offs_r < rank
+        v_tile = tl.load(
+            v_rows + offs_r[None, :],
+            mask=row_valid[:, None] & r_valid[None, :],
+            other=0.0,
+        )
+        b_tile = tl.load(
+            b_cols + offs_r[:, None],
+            mask=r_valid[:, None] & col_valid[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(
+            v_tile.to(b_tile.dtype), b_tile, acc, input_precision=DOT_PRECISION
+        )
+
+    y_ptrs = y_ptr + tokens[:, None] * stride_y_token + offs_n[None, :]
+    y_mask = row_valid[:, None] & col_valid[None, :]
+    y_old = tl.load(y_ptrs, mask=y_mask, other=0.0)
+    y_new = y_old.to(tl.float32) + acc * scale
+    tl.store(y_ptrs, y_new.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@dataclass(frozen=True)
+class ExpandConfig:
+    """Tile shape and launch options of one expand launch (BLOCK_M comes from the segments)."""
+
+    block_n: int
+    block_r: int = 16
+    num_warps: int = 4
+    # One stage: the rank loop is 1-8 steps, and pipelined Hopper wgmma with a register operand
+    # (v rounded in registers) was miscompiled by ptxas < 13.3 (triton-lang/triton#9433).
+    num_stages: int = 1
+
+
+def choose_expand_config(block_m: int, dtype: torch.dtype) -> ExpandConfig:
+    """A config from the problem shape. Expand streams y (read + write) and each slot's B once.
+
+    - decode tiles (block_m 16): 128 columns of 16-bit y per gathered row, 4 warps.
+    - prefill tiles (block_m >= 32): 64 columns and 8 warps keep the per-element y pointers out
+      of local memory (sm_90 report: 64x128 with 4 warps spills, 64x64 with 8 warps uses 91
+      registers, two or more programs per SM).
+    - fp32 y: half the columns, to keep the y tile's registers the same.
+    """
+    if block_m <= 16:
+        block_n, num_warps = 128, 4
+    else:
+        block_n, num_warps = 64, 8
+    if dtype == torch.float32:
+        block_n //= 2
+    return ExpandConfig(block_n=block_n, num_warps=num_warps)
+
+
+def sgmv_expand(
+    y: torch.Tensor,
+    v: torch.Tensor,
+    lora_b: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    slice_offsets: Sequence[int],
+    segments: LoraSegments,
+    *,
+    config: ExpandConfig | None = None,
+) -> None:
+    """Launch the expand: y += the LoRA delta of every slice, in place (module docstring).
+
+    :param y: [num_tokens, out_features] bf16/fp16/fp32, unit stride along features.
+    :param v: [num_tokens, S·R] float32 from the shrink, unit stride along columns.
+    :param lora_b: [num_slots, out_features, R], y's dtype, unit stride along the rank.
+    :param ranks: [num_slots, S] int32; scales: [num_slots, S] float32.
+    :param slice_offsets: S + 1 host ints: where each slice starts, then out_features.
+    :param config: overrides `choose_expand_config` (benchmarks sweep it).
+    """
+    if y.dim() != 2 or v.dim() != 2 or lora_b.dim() != 3:
+        raise ValueError("expected y [T, out], v [T, S*R], lora_b [slots, out, R]")
+    num_tokens, out_features = y.shape
+    num_slots, b_out, max_rank = lora_b.shape
+    num_slices = ranks.shape[1] if ranks.dim() == 2 else -1
+    offsets = tuple(int(o) for o in slice_offsets)
+    if (
+        ranks.shape != (num_slots, num_slices)
+        or scales.shape != (num_slots, num_slices)
+        or v.shape != (num_tokens, num_slices * max_rank)
+        or b_out != out_features
+    ):
+        raise ValueError(
+            f"shapes disagree: y {tuple(y.shape)}, v {tuple(v.shape)}, lora_b "
+            f"{tuple(lora_b.shape)}, ranks {tuple(ranks.shape)}, scales {tuple(scales.shape)}"
+        )
+    if len(offsets) != num_slices + 1 or offsets[0] != 0 or offsets[-1] != out_features:
+        raise ValueError(f"slice_offsets {offsets} must run from 0 to {out_features}")
+    if any(b < a for a, b in itertools.pairwise(offsets)):
+        raise ValueError(f"slice_offsets {offsets} must not decrease")
+    if y.dtype not in SUPPORTED_DTYPES or lora_b.dtype != y.dtype:
+        raise TypeError(f"y {y.dtype} and lora_b {lora_b.dtype}: same float16/32 type")
+    if v.dtype != torch.float32 or scales.dtype != torch.float32:
+        raise TypeError("v and scales must be float32")
+    if ranks.dtype != torch.int32:
+        raise TypeError(f"ranks must be int32, got {ranks.dtype}")
+    if y.stride(1) != 1 or v.stride(1) != 1 or lora_b.stride(2) != 1:
+        raise ValueError("y, v and lora_b need unit stride along their last dim")
+    if ranks.stride(1) != 1 or scales.stride(1) != 1:
+        raise ValueError("ranks and scales need unit stride along slices")
+    devices = {t.device for t in (y, v, lora_b, ranks, scales, segments.tile_lens)}
+    if len(devices) != 1:
+        raise ValueError("all tensors and the segments must share one device")
+    if segments.num_tiles == 0:
+        return
+
+    block_m = max(16, next_pow2(segments.max_tile_len))
+    cfg = config or choose_expand_config(block_m, y.dtype)
+    first_blocks = [0]
+    for start, end in itertools.pairwise(offsets):
+        first_blocks.append(first_blocks[-1] + -(-(end - start) // cfg.block_n))
+    if first_blocks[-1] == 0:
+        return
+    grid = (first_blocks[-1], segments.num_tiles)
+    kernel_for(sgmv_expand_kernel, y)[grid](
+        y,
+        v,
+        lora_b,
+        ranks,
+        scales,
+        segments.sorted_tokens,
+        segments.tile_starts,
+        segments.tile_lens,
+        segments.tile_slots,
+        offsets,
+        tuple(first_blocks),
+        max_rank,
+        y.stride(0),
+        v.stride(0),
+        lora_b.stride(0),
+        lora_b.stride(1),
+        ranks.stride(0),
+        scales.stride(0),
+        NUM_SLICES=num_slices,
+        BLOCK_M=block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_R=cfg.block_r,
+        DOT_PRECISION=dot_precision(y.dtype),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )

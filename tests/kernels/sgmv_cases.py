@@ -1,0 +1,140 @@
+"""Random SGMV problems and their float64 definition, shared by the Triton CPU and GPU tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+POPULARITY = ("distinct", "uniform", "zipf", "identical", "skewed")
+
+
+def token_slots_for(
+    pattern: str, num_tokens: int, num_slots: int, gen, base_only: float = 0.2
+) -> list[int]:
+    """Punica's adapter-popularity patterns, plus a share of base-only (-1) tokens."""
+    if pattern == "distinct":
+        slots = [t % num_slots for t in range(num_tokens)]
+    elif pattern == "uniform":
+        slots = torch.randint(0, num_slots, (num_tokens,), generator=gen).tolist()
+    elif pattern == "zipf":
+        weights = 1.0 / torch.arange(1, num_slots + 1, dtype=torch.float64)
+        slots = torch.multinomial(weights, num_tokens, True, generator=gen).tolist()
+    elif pattern == "identical":
+        slots = [num_slots - 1] * num_tokens
+    elif pattern == "skewed":  # one slot takes almost everything
+        slots = [0 if t % 8 else 1 + t % (num_slots - 1) for t in range(num_tokens)]
+    else:
+        raise ValueError(pattern)
+    drop = torch.rand(num_tokens, generator=gen) < base_only
+    return [-1 if d else s for s, d in zip(slots, drop.tolist(), strict=True)]
+
+
+@dataclass
+class Problem:
+    """One fused LoRA linear with S slices: x, y (in/out), stacked A/B, ranks, scales."""
+
+    x: torch.Tensor  # [T, in]
+    y: torch.Tensor  # [T, out]
+    lora_a: torch.Tensor  # [slots, S * R, in]
+    lora_b: torch.Tensor  # [slots, out, R]
+    ranks: torch.Tensor  # [slots, S] int32
+    scales: torch.Tensor  # [slots, S] float32
+    slice_offsets: tuple[int, ...]
+    token_slots: list[int]
+
+    @property
+    def max_rank(self) -> int:
+        return self.lora_b.shape[2]
+
+
+def make_problem(
+    gen,
+    *,
+    num_tokens: int,
+    in_features: int,
+    widths: tuple[int, ...],
+    max_rank: int,
+    num_slots: int,
+    pattern: str,
+    dtype: torch.dtype,
+    rank_choices: tuple[int, ...] | None = None,
+    device: str = "cpu",
+) -> Problem:
+    """Fresh random inputs (never zeros); A and B scaled so that the delta is O(1) like y.
+
+    Ranks are drawn from `rank_choices` (default 0..max_rank, so some slices are untargeted)
+    per slot and slice; every value past a slot's rank is NaN, which a kernel must never read.
+    """
+    num_slices = len(widths)
+    out = sum(widths)
+    x = torch.randn(num_tokens, in_features, generator=gen)
+    y = torch.randn(num_tokens, out, generator=gen)
+    lora_a = torch.randn(num_slots, num_slices * max_rank, in_features, generator=gen)
+    lora_a /= in_features**0.5
+    lora_b = torch.randn(num_slots, out, max_rank, generator=gen) / max_rank**0.5
+    choices = torch.tensor(rank_choices or range(max_rank + 1), dtype=torch.int32)
+    picks = torch.randint(0, len(choices), (num_slots, num_slices), generator=gen)
+    ranks = choices[picks]
+    scales = torch.rand(num_slots, num_slices, generator=gen) + 0.5
+    offsets = tuple(sum(widths[:i]) for i in range(num_slices + 1))
+    for s in range(num_slots):
+        for i in range(num_slices):
+            r = int(ranks[s, i])
+            lora_a[s, i * max_rank + r : (i + 1) * max_rank] = float("nan")
+            lora_b[s, offsets[i] : offsets[i + 1], r:] = float("nan")
+    slots = token_slots_for(pattern, num_tokens, num_slots, gen)
+    return Problem(
+        x=x.to(device, dtype),
+        y=y.to(device, dtype),
+        lora_a=lora_a.to(device, dtype),
+        lora_b=lora_b.to(device, dtype),
+        ranks=ranks.to(device),
+        scales=scales.to(device),
+        slice_offsets=offsets,
+        token_slots=slots,
+    )
+
+
+def expected_shrink(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v in float64, mask of the entries the definition owns: token has a slot, column < rank)."""
+    num_tokens = p.x.shape[0]
+    num_slices = p.ranks.shape[1]
+    v = torch.zeros(num_tokens, num_slices * p.max_rank, dtype=torch.float64)
+    owned = torch.zeros_like(v, dtype=torch.bool)
+    x, a, ranks = p.x.double().cpu(), p.lora_a.double().cpu(), p.ranks.cpu()
+    for slot in sorted({s for s in p.token_slots if s >= 0}):
+        rows = torch.tensor([t for t, s in enumerate(p.token_slots) if s == slot])
+        for i in range(num_slices):
+            r = int(ranks[slot, i])
+            cols = slice(i * p.max_rank, i * p.max_rank + r)
+            v[rows[:, None], torch.arange(cols.start, cols.stop)] = (
+                x[rows] @ a[slot, cols].T
+            )
+            owned[rows[:, None], torch.arange(cols.start, cols.stop)] = True
+    return v, owned
+
+
+def expected_y(p: Problem, y_before: torch.Tensor) -> torch.Tensor:
+    """y + the LoRA delta of every slice, in float64 (the definition, slot by slot)."""
+    y = y_before.double().cpu().clone()
+    x = p.x.double().cpu()
+    a, b = p.lora_a.double().cpu(), p.lora_b.double().cpu()
+    ranks, scales = p.ranks.cpu(), p.scales.double().cpu()
+    for slot in sorted({s for s in p.token_slots if s >= 0}):
+        rows = torch.tensor([t for t, s in enumerate(p.token_slots) if s == slot])
+        for i in range(ranks.shape[1]):
+            r = int(ranks[slot, i])
+            if r == 0:
+                continue
+            lo, hi = p.slice_offsets[i], p.slice_offsets[i + 1]
+            a_i = a[slot, i * p.max_rank : i * p.max_rank + r]
+            v = x[rows] @ a_i.T
+            y[rows, lo:hi] += scales[slot, i] * (v @ b[slot, lo:hi, :r].T)
+    return y
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖actual − expected‖ / ‖expected‖ in float64; NaN anywhere makes it NaN (never passes)."""
+    actual = actual.double().cpu()
+    return float((actual - expected).norm() / expected.norm())
