@@ -79,9 +79,8 @@ class EntryState:
     key: Hashable
     slot: int | None  # set when on the device, or loading into it
     on_device: bool
-    loading: bool
-    on_host: bool
-    host_bytes: int
+    loading: bool  # into its slot
+    host_bytes: int  # 0 when not in the host tier
     pins: int  # running requests + 1 if an operator pinned it
     admin_pinned: bool
 
@@ -107,15 +106,8 @@ class AdapterPool:
         self.device = torch.device(config.device)
         cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if cuda else None
-        self.host = HostTier(
-            loader,
-            config.max_cpu_loras,
-            config.max_cpu_bytes,
-            config.dtype,
-            cuda,
-            self.metrics,
-            self._emit,
-        )
+        limits = (config.max_cpu_loras, config.max_cpu_bytes, config.dtype)
+        self.host = HostTier(loader, *limits, cuda, self.metrics, self._emit)
         self._cond = threading.Condition()
         self._entries: dict[Hashable, _Entry] = {}
         self._device_lru: OrderedDict[Hashable, None] = OrderedDict()  # LRU first
@@ -302,16 +294,9 @@ class AdapterPool:
         )
 
     def _state(self, e: _Entry) -> EntryState:
-        host_bytes = self.host.bytes_of(e.key)
+        loading, host_bytes = e.device_future is not None, self.host.bytes_of(e.key)
         return EntryState(
-            e.key,
-            e.slot,
-            e.on_device,
-            e.device_future is not None,
-            host_bytes > 0,
-            host_bytes,
-            e.pins,
-            e.admin_pinned,
+            e.key, e.slot, e.on_device, loading, host_bytes, e.pins, e.admin_pinned
         )
 
     def _take_slot(self, events: list) -> int | None:
