@@ -14,9 +14,9 @@ import zipfile
 
 import pytest
 import torch
+from registry_files import CONFIG, WEIGHTS, AdapterFiles, safetensors_bytes
 from safetensors.torch import load, save
 
-from conftest import CONFIG, WEIGHTS, AdapterFiles, safetensors_bytes
 from loraplex.adapters_registry import (
     AdapterInvalid,
     AdapterTooLarge,

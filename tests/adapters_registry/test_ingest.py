@@ -10,8 +10,8 @@ import zipfile
 import pytest
 import torch
 from registry_fakes import FakeWriter
+from registry_files import CONFIG, WEIGHTS, read_files
 
-from conftest import CONFIG, WEIGHTS, read_files
 from loraplex.adapters_registry import (
     AdapterCorrupt,
     AdapterNotReady,
