@@ -49,7 +49,7 @@ class Problem:
 
 
 def make_problem(
-    gen,
+    seed: int,
     *,
     num_tokens: int,
     in_features: int,
@@ -59,36 +59,44 @@ def make_problem(
     pattern: str,
     dtype: torch.dtype,
     rank_choices: tuple[int, ...] | None = None,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
 ) -> Problem:
-    """Fresh random inputs (never zeros); A and B scaled so that the delta is O(1) like y.
+    """Fresh random inputs (never zeros), drawn on `device`; A and B scaled so that the delta
+    is O(1) like y.
 
     Ranks are drawn from `rank_choices` (default 0..max_rank, so some slices are untargeted)
     per slot and slice; every value past a slot's rank is NaN, which a kernel must never read.
     """
+    host_gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     num_slices = len(widths)
     out = sum(widths)
-    x = torch.randn(num_tokens, in_features, generator=gen)
-    y = torch.randn(num_tokens, out, generator=gen)
-    lora_a = torch.randn(num_slots, num_slices * max_rank, in_features, generator=gen)
-    lora_a /= in_features**0.5
-    lora_b = torch.randn(num_slots, out, max_rank, generator=gen) / max_rank**0.5
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, device=device) * scale
+
+    x = randn(num_tokens, in_features)
+    y = randn(num_tokens, out)
+    lora_a = randn(
+        num_slots, num_slices * max_rank, in_features, scale=in_features**-0.5
+    )
+    lora_b = randn(num_slots, out, max_rank, scale=max_rank**-0.5)
     choices = torch.tensor(rank_choices or range(max_rank + 1), dtype=torch.int32)
-    picks = torch.randint(0, len(choices), (num_slots, num_slices), generator=gen)
+    picks = torch.randint(0, len(choices), (num_slots, num_slices), generator=host_gen)
     ranks = choices[picks]
-    scales = torch.rand(num_slots, num_slices, generator=gen) + 0.5
+    scales = torch.rand(num_slots, num_slices, generator=host_gen) + 0.5
     offsets = tuple(sum(widths[:i]) for i in range(num_slices + 1))
     for s in range(num_slots):
         for i in range(num_slices):
             r = int(ranks[s, i])
             lora_a[s, i * max_rank + r : (i + 1) * max_rank] = float("nan")
             lora_b[s, offsets[i] : offsets[i + 1], r:] = float("nan")
-    slots = token_slots_for(pattern, num_tokens, num_slots, gen)
+    slots = token_slots_for(pattern, num_tokens, num_slots, host_gen)
     return Problem(
-        x=x.to(device, dtype),
-        y=y.to(device, dtype),
-        lora_a=lora_a.to(device, dtype),
-        lora_b=lora_b.to(device, dtype),
+        x=x.to(dtype),
+        y=y.to(dtype),
+        lora_a=lora_a.to(dtype),
+        lora_b=lora_b.to(dtype),
         ranks=ranks.to(device),
         scales=scales.to(device),
         slice_offsets=offsets,
@@ -96,45 +104,49 @@ def make_problem(
     )
 
 
+def _rows_by_slot(p: Problem) -> dict[int, torch.Tensor]:
+    slots = torch.tensor(p.token_slots, device=p.x.device)
+    return {
+        s: torch.nonzero(slots == s).flatten()
+        for s in sorted({s for s in p.token_slots if s >= 0})
+    }
+
+
 def expected_shrink(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
-    """(v in float64, mask of the entries the definition owns: token has a slot, column < rank)."""
-    num_tokens = p.x.shape[0]
+    """(v in float64, mask of the entries the definition owns: token has a slot, column < rank),
+    computed on the problem's device."""
     num_slices = p.ranks.shape[1]
-    v = torch.zeros(num_tokens, num_slices * p.max_rank, dtype=torch.float64)
+    v = torch.zeros(p.x.shape[0], num_slices * p.max_rank, dtype=torch.float64)
+    v = v.to(p.x.device)
     owned = torch.zeros_like(v, dtype=torch.bool)
-    x, a, ranks = p.x.double().cpu(), p.lora_a.double().cpu(), p.ranks.cpu()
-    for slot in sorted({s for s in p.token_slots if s >= 0}):
-        rows = torch.tensor([t for t, s in enumerate(p.token_slots) if s == slot])
+    ranks = p.ranks.tolist()
+    for slot, rows in _rows_by_slot(p).items():
+        x = p.x[rows].double()
         for i in range(num_slices):
-            r = int(ranks[slot, i])
-            cols = slice(i * p.max_rank, i * p.max_rank + r)
-            v[rows[:, None], torch.arange(cols.start, cols.stop)] = (
-                x[rows] @ a[slot, cols].T
-            )
-            owned[rows[:, None], torch.arange(cols.start, cols.stop)] = True
+            cols = torch.arange(i * p.max_rank, i * p.max_rank + ranks[slot][i])
+            cols = cols.to(p.x.device)
+            v[rows[:, None], cols] = x @ p.lora_a[slot, cols].double().T
+            owned[rows[:, None], cols] = True
     return v, owned
 
 
 def expected_y(p: Problem, y_before: torch.Tensor) -> torch.Tensor:
     """y + the LoRA delta of every slice, in float64 (the definition, slot by slot)."""
-    y = y_before.double().cpu().clone()
-    x = p.x.double().cpu()
-    a, b = p.lora_a.double().cpu(), p.lora_b.double().cpu()
-    ranks, scales = p.ranks.cpu(), p.scales.double().cpu()
-    for slot in sorted({s for s in p.token_slots if s >= 0}):
-        rows = torch.tensor([t for t, s in enumerate(p.token_slots) if s == slot])
-        for i in range(ranks.shape[1]):
-            r = int(ranks[slot, i])
+    y = y_before.double().clone()
+    ranks, scales = p.ranks.tolist(), p.scales.tolist()
+    for slot, rows in _rows_by_slot(p).items():
+        x = p.x[rows].double()
+        for i, r in enumerate(ranks[slot]):
             if r == 0:
                 continue
             lo, hi = p.slice_offsets[i], p.slice_offsets[i + 1]
-            a_i = a[slot, i * p.max_rank : i * p.max_rank + r]
-            v = x[rows] @ a_i.T
-            y[rows, lo:hi] += scales[slot, i] * (v @ b[slot, lo:hi, :r].T)
+            a_i = p.lora_a[slot, i * p.max_rank : i * p.max_rank + r].double()
+            delta = (x @ a_i.T) @ p.lora_b[slot, lo:hi, :r].double().T
+            y[rows, lo:hi] += scales[slot][i] * delta
     return y
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """‖actual − expected‖ / ‖expected‖ in float64; NaN anywhere makes it NaN (never passes)."""
-    actual = actual.double().cpu()
+    actual = actual.double().to(expected.device)
     return float((actual - expected).norm() / expected.norm())

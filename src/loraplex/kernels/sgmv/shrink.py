@@ -118,22 +118,24 @@ def choose_shrink_config(
 
     - block_n: all S·R columns in one block up to 64, so a prefill tile streams x once; rank-64+
       pools split columns in 64s to bound the accumulator.
-    - block_k: 16 KB of x per stage for prefill tiles (block_m 64); decode tiles (block_m 16)
-      take wider K steps so that each program keeps more bytes in flight.
+    - block_k: 128 (16-bit) for prefill tiles; decode tiles (block_m 16) take 256-wide K steps
+      so that each program keeps more bytes in flight. Halved for fp32.
+    - num_stages: as many as fit 96 KB of shared memory (2 to 4), so that two programs share
+      an SM.
     - split_k: decode batches have a handful of tiles, each streaming a whole K x rank slab of A;
       splitting K until the grid covers every SM turns a latency-bound loop into parallel loads.
       Each split keeps at least two K steps to give the pipeline something to overlap.
     """
     block_n = min(64, max(16, next_pow2(num_columns)))
     elem = torch.finfo(dtype).bits // 8
-    block_k = 16384 // (block_m * elem) if block_m >= 64 else 512 // elem
-    block_k = max(32, min(256, block_k))
+    block_k = (256 if block_m <= 16 else 128) * 2 // elem
     k_steps = -(-in_features // block_k)
     programs = -(-num_columns // block_n) * num_tiles
     split_k = 1
     while programs * split_k < num_sms(device) and k_steps // (2 * split_k) >= 2:
         split_k *= 2
-    num_stages = 4 if block_m <= 32 else 3
+    stage_bytes = (block_m + block_n) * block_k * elem
+    num_stages = max(2, min(4, 98304 // stage_bytes))
     return ShrinkConfig(block_n, block_k, split_k, num_stages=num_stages)
 
 

@@ -1,0 +1,373 @@
+"""SGMV shrink/expand on Llama-3.1-8B shapes: time, byte floor, torch baselines (issue 3).
+
+    PYTHONPATH=src python benchmarks/bench_sgmv.py OUT_DIR [--commit SHA] [--no-sweep]
+    TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/bench_sgmv.py OUT_DIR --smoke  # CPU
+
+Cases: decode (T = 1, 16, 64, 256, one adapter per token) and prefill (T = 4096, 8192, runs of
+512 tokens per adapter) for each LoRA linear of the 8B model (o, q/k/v, gate/up, down) at rank
+16, bf16; mixed ranks {8, 16, 64} against the rank-weighted ideal of uniform runs; a sweep of
+kernel configs; the launches LoRA adds to one decode step (32 layers x 4 linears). Writes
+OUT_DIR/bench_sgmv-<card>-<date>.json with every raw timing and prints a short table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+from loraplex.kernels import sgmv
+from sgmv_timing import (
+    LLAMA_8B,
+    TINY,
+    GraphTimer,
+    LoraInputs,
+    copy_bandwidth,
+    eager,
+    floor_bytes,
+    gather_bmm,
+    lora_linear,
+    make_inputs,
+    segment_loop,
+)
+
+DTYPE = torch.bfloat16
+RANK = 16
+L2_BYTES = 50e6
+GATHER_LIMIT_BYTES = 12e9  # the gather baseline materialises per-token A and B
+
+
+class Bench:
+    def __init__(self, device: torch.device, smoke: bool) -> None:
+        self.device, self.smoke = device, smoke
+        self.dtype = torch.float16 if smoke else DTYPE  # numpy has no bf16
+        self.timer = GraphTimer(device)
+        self.copy = copy_bandwidth(device)
+        self.cases: list[dict] = []
+
+    def inputs(self, linear, run_lengths, slot_ranks, max_rank, tile_tokens=64):
+        return make_inputs(
+            linear,
+            run_lengths,
+            slot_ranks,
+            max_rank,
+            self.dtype,
+            self.device,
+            tile_tokens,
+        )
+
+    def us_at_copy_bw(self, num_bytes: float) -> float:
+        return num_bytes / (self.copy["gbps"] * 1e3)
+
+    def case(
+        self,
+        phase: str,
+        linear,
+        run_lengths: list[int],
+        slot_ranks: list[int],
+        max_rank: int,
+        *,
+        baselines: bool = True,
+    ) -> dict:
+        s = self.inputs(linear, run_lengths, slot_ranks, max_rank)
+        floors = floor_bytes(s, slot_ranks)
+        rec = {
+            "phase": phase,
+            "linear": linear.name,
+            "num_tokens": sum(run_lengths),
+            "adapters": len(run_lengths),
+            "max_rank": max_rank,
+            "ranks": sorted(set(slot_ranks)),
+            "floor_bytes": floors,
+            "floor_us": {k: self.us_at_copy_bw(b) for k, b in floors.items()},
+        }
+        v = sgmv.lora_shrink(s.x, s.lora_a, s.ranks, s.segments)
+        rec["shrink_eager"] = eager(
+            lambda: sgmv.lora_shrink(s.x, s.lora_a, s.ranks, s.segments), self.device
+        )
+        rec["expand_eager"] = eager(
+            lambda: sgmv.lora_expand(
+                s.y, v, s.lora_b, s.ranks, s.scales, linear.offsets, s.segments
+            ),
+            self.device,
+        )
+        rec["linear_eager"] = eager(lambda: lora_linear(s), self.device)
+        # Rotate over enough input sets that a graph of back-to-back calls does not run from L2.
+        num_sets = max(1, min(8, math.ceil(3 * L2_BYTES / floors["linear"])))
+        sets = [s] + [
+            self.inputs(linear, run_lengths, slot_ranks, max_rank)
+            for _ in range(num_sets - 1)
+        ]
+        calls = [functools.partial(lora_linear, t) for t in sets]
+        rec["linear_graph"] = self.timer.per_call(calls * max(1, 16 // num_sets))
+        if baselines:
+            rec.update(self.baselines(s, sets, slot_ranks, graph=phase == "decode"))
+        self.cases.append(rec)
+        return rec
+
+    def baselines(self, s: LoraInputs, sets, slot_ranks, graph: bool) -> dict:
+        scales = s.scales[:, 0].tolist()
+        loop = functools.partial(segment_loop, ranks=list(slot_ranks), scales=scales)
+        out = {"errors_vs_ours": {}}
+        runners = {"loop": loop}
+        per_token = s.x.shape[0] * (s.lora_a[0].numel() + s.lora_b[0].numel())
+        if per_token * s.x.element_size() * 1.5 < GATHER_LIMIT_BYTES:
+            runners["gather"] = gather_bmm
+        ours = dataclasses.replace(s, y=s.y.clone())
+        lora_linear(ours)
+        for name, run in runners.items():  # all checks before any timing changes s.y
+            theirs = dataclasses.replace(s, y=s.y.clone())
+            run(theirs)
+            err = (theirs.y.double() - ours.y.double()).norm() / ours.y.double().norm()
+            out["errors_vs_ours"][name] = float(err)
+        for name, run in runners.items():
+            out[f"{name}_eager"] = eager(functools.partial(run, s), self.device)
+            if graph:
+                calls = [functools.partial(run, t) for t in sets]
+                out[f"{name}_graph"] = self.timer.per_call(calls)
+        return out
+
+
+def decode_and_prefill(bench: Bench, linears) -> None:
+    decode_tokens = (1, 4) if bench.smoke else (1, 16, 64, 256)
+    prefill = ((32, 8), (64, 16)) if bench.smoke else ((4096, 512), (8192, 512))
+    for linear in linears:
+        for t in decode_tokens:
+            bench.case("decode", linear, [1] * t, [RANK] * t, RANK)
+        for t, run in prefill:
+            bench.case("prefill", linear, [run] * (t // run), [RANK] * (t // run), RANK)
+
+
+def mixed_ranks(bench: Bench, linears) -> list[dict]:
+    """Ranks 8, 16, 64 in one batch (max_rank 64) against uniform runs at each rank."""
+    by_name = {lin.name: lin for lin in linears}
+    shapes = [("decode", "o", 256, 1), ("decode", "qkv", 256, 1)]
+    shapes.append(("prefill", "qkv", 8192, 512))
+    if bench.smoke:
+        shapes = [("decode", "qkv", 6, 1), ("prefill", "qkv", 64, 16)]
+    out = []
+    for phase, name, t, run in shapes:
+        n = t // run
+        mixed_ranks_of = [(8, 16, 64)[j % 3] for j in range(n)]
+        mixed = bench.case(
+            phase, by_name[name], [run] * n, mixed_ranks_of, 64, baselines=False
+        )
+        uniform = {
+            r: bench.case(phase, by_name[name], [run] * n, [r] * n, r, baselines=False)
+            for r in (8, 16, 64)
+        }
+        shares = {r: mixed_ranks_of.count(r) / n for r in (8, 16, 64)}
+        row = {"phase": phase, "linear": name, "num_tokens": t, "shares": shares}
+        for mode in ("linear_eager", "linear_graph"):
+            if mixed[mode] is None:
+                continue
+            key = "median_us" if mode == "linear_eager" else "per_call_us"
+            ideal = sum(shares[r] * uniform[r][mode][key] for r in shares)
+            row[mode] = {"mixed_us": mixed[mode][key], "ideal_us": ideal}
+            row[mode]["ratio"] = mixed[mode][key] / ideal
+        out.append(row)
+    return out
+
+
+def sweep(bench: Bench, linears) -> list[dict]:
+    """Kernel configs around the defaults, eager, on the shapes that pick them."""
+    from loraplex.kernels.sgmv.expand import ExpandConfig, sgmv_expand
+    from loraplex.kernels.sgmv.shrink import ShrinkConfig, sgmv_shrink
+
+    by_name = {lin.name: lin for lin in linears}
+    shrink_decode = [ShrinkConfig(16, bk, sk) for bk in (128, 256) for sk in (1, 4, 16)]
+    shrink_prefill = [
+        ShrinkConfig(64, 128, 1, 4, 3),
+        ShrinkConfig(64, 128, 1, 8, 3),
+        ShrinkConfig(64, 64, 1, 4, 4),
+        ShrinkConfig(16, 128, 1, 4, 3),
+        ShrinkConfig(64, 128, 2, 4, 3),
+        ShrinkConfig(64, 256, 1, 8, 3),
+    ]
+    expand_prefill = [ExpandConfig(n, 16, w) for n, w in ((32, 4), (64, 4), (64, 8))]
+    expand_prefill += [ExpandConfig(128, 16, w) for w in (4, 8)]
+    expand_decode = [ExpandConfig(n, 16, w) for n in (64, 128, 256) for w in (4, 8)]
+    plan = [
+        ("shrink", "o", 1, 1, shrink_decode, (64,)),
+        ("shrink", "o", 64, 1, shrink_decode, (64,)),
+        ("shrink", "o", 256, 1, shrink_decode, (64,)),
+        ("shrink", "qkv", 8192, 512, shrink_prefill + [None], (64,)),
+        ("shrink", "qkv", 8192, 512, [None], (32, 128)),
+        ("expand", "qkv", 8192, 512, expand_prefill + [None], (64,)),
+        ("expand", "gate_up", 8192, 512, expand_prefill + [None], (64,)),
+        ("expand", "qkv", 8192, 512, [None], (32, 128)),
+        ("expand", "gate_up", 256, 1, expand_decode + [None], (64,)),
+        ("expand", "gate_up", 1, 1, expand_decode + [None], (64,)),
+    ]
+    if bench.smoke:
+        plan = [(k, "qkv", 16, 4, [None], (16,)) for k in ("shrink", "expand")]
+    out = []
+    for kernel, name, t, run, configs, tiles in plan:
+        for tile_tokens in tiles:
+            n = t // run
+            s = bench.inputs(by_name[name], [run] * n, [RANK] * n, RANK, tile_tokens)
+            v = sgmv.lora_shrink(s.x, s.lora_a, s.ranks, s.segments)
+            for cfg in configs:
+                if kernel == "shrink":
+                    fn = functools.partial(
+                        sgmv_shrink, s.x, s.lora_a, s.ranks, s.segments, config=cfg
+                    )
+                else:
+                    offsets = s.linear.offsets
+                    fn = functools.partial(
+                        sgmv_expand,
+                        *(s.y, v, s.lora_b, s.ranks, s.scales, offsets, s.segments),
+                        config=cfg,
+                    )
+                timing = eager(fn, bench.device)
+                out.append(
+                    {
+                        "kernel": kernel,
+                        "linear": name,
+                        "num_tokens": t,
+                        "tile_tokens": tile_tokens,
+                        "config": "default" if cfg is None else dataclasses.asdict(cfg),
+                        "median_us": timing["median_us"],
+                    }
+                )
+    return out
+
+
+def decode_step(bench: Bench, linears, num_layers: int) -> list[dict]:
+    """The LoRA work of one decode step: every layer's four LoRA linears, own weights each."""
+    out = []
+    for t in (1, 4) if bench.smoke else (1, 64):
+        step = [
+            bench.inputs(linear, [1] * t, [RANK] * t, RANK)
+            for _ in range(num_layers)
+            for linear in linears
+        ]
+
+        def run_step(step=step):
+            for s in step:
+                lora_linear(s)
+
+        rec = {"num_tokens": t, "adapters": t, "layers": num_layers}
+        rec["lora_linears"] = len(step)
+        rec["floor_bytes"] = sum(floor_bytes(s, [RANK] * t)["linear"] for s in step)
+        rec["launches"] = count_launches(run_step, bench.device)
+        rec["graph"] = bench.timer.per_call([run_step])
+        if bench.timer.enabled:
+            rec["launch_cost_us"] = (
+                rec["launches"]["total"] * bench.timer.trivial_node_us
+            )
+        out.append(rec)
+        del step
+    return out
+
+
+def count_launches(fn, device: torch.device) -> dict:
+    """Kernels and memsets one call puts on the GPU, read from the profiler."""
+    if device.type != "cuda":
+        return {"total": 0}
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names: dict[str, int] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            names[event.name] = names.get(event.name, 0) + 1
+    return {"total": sum(names.values()), "by_name": names}
+
+
+def base_weight_floor_us(bench: Bench, linears, num_layers: int) -> float:
+    """An FP8 decode step must read every base weight of the layers once (lm_head aside)."""
+    params = sum(lin.in_features * sum(lin.widths) for lin in linears) * num_layers
+    return bench.us_at_copy_bw(params)
+
+
+def card_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    for card in ("h200", "h100", "a100", "l40s"):
+        if card in name:
+            return card
+    return "".join(c if c.isalnum() else "-" for c in name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--commit", default="unknown")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
+    parser.add_argument("--no-sweep", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device("cpu" if args.smoke else "cuda")
+    torch.manual_seed(0)
+    linears = TINY if args.smoke else LLAMA_8B
+    num_layers = 2 if args.smoke else 32
+    bench = Bench(device, args.smoke)
+    import triton
+
+    info = {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else "cpu",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "commit": args.commit,
+        "date": datetime.date.today().isoformat(),
+        "dtype": str(bench.dtype),
+        "copy_bandwidth": bench.copy,
+    }
+    if bench.timer.enabled:
+        info["graph_replay_one_trivial"] = bench.timer.replay_one_trivial
+        info["graph_trivial_node_us"] = bench.timer.trivial_node_us
+    result = {
+        "info": info,
+        "config": {"rank": RANK, "linears": [dataclasses.asdict(x) for x in linears]},
+        "cases": bench.cases,
+        "mixed_ranks": [],
+        "sweep": [],
+        "decode_step": [],
+        "base_fp8_weight_floor_us": base_weight_floor_us(bench, linears, num_layers),
+        "errors": [],
+    }
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path = args.out_dir / f"bench_sgmv-{card_name(device)}-{info['date']}.json"
+    sections = [
+        ("cases", lambda: decode_and_prefill(bench, linears)),
+        ("mixed_ranks", lambda: mixed_ranks(bench, linears)),
+        ("sweep", lambda: [] if args.no_sweep else sweep(bench, linears)),
+        ("decode_step", lambda: decode_step(bench, linears, num_layers)),
+    ]
+    for key, run in sections:
+        # One failing section must not cost the others' numbers: GPU time is scarce.
+        try:
+            produced = run()
+            if produced is not None:
+                result[key] = produced
+        except Exception:  # noqa: BLE001 - recorded in the JSON and printed
+            result["errors"].append(
+                {"section": key, "traceback": traceback.format_exc()}
+            )
+            print(result["errors"][-1]["traceback"], file=sys.stderr)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        path.write_text(json.dumps(result, indent=1))
+    from sgmv_report import print_report
+
+    print_report(result)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
