@@ -32,11 +32,13 @@ from sgmv_timing import (
     LoraInputs,
     copy_bandwidth,
     eager,
+    expand,
     floor_bytes,
     gather_bmm,
     lora_linear,
     make_inputs,
     segment_loop,
+    shrink,
 )
 
 DTYPE = torch.bfloat16
@@ -90,24 +92,27 @@ class Bench:
             "floor_us": {k: self.us_at_copy_bw(b) for k, b in floors.items()},
         }
         v = sgmv.lora_shrink(s.x, s.lora_a, s.ranks, s.segments)
-        rec["shrink_eager"] = eager(
-            lambda: sgmv.lora_shrink(s.x, s.lora_a, s.ranks, s.segments), self.device
-        )
-        rec["expand_eager"] = eager(
-            lambda: sgmv.lora_expand(
-                s.y, v, s.lora_b, s.ranks, s.scales, linear.offsets, s.segments
-            ),
-            self.device,
-        )
-        rec["linear_eager"] = eager(lambda: lora_linear(s), self.device)
-        # Rotate over enough input sets that a graph of back-to-back calls does not run from L2.
+        rec["shrink_eager"] = eager(functools.partial(shrink, s), self.device)
+        rec["expand_eager"] = eager(functools.partial(expand, s, v), self.device)
+        rec["linear_eager"] = eager(functools.partial(lora_linear, s), self.device)
+        # Graphs rotate over enough input sets that back-to-back calls do not run from L2.
         num_sets = max(1, min(8, math.ceil(3 * L2_BYTES / floors["linear"])))
         sets = [s] + [
             self.inputs(linear, run_lengths, slot_ranks, max_rank)
             for _ in range(num_sets - 1)
         ]
-        calls = [functools.partial(lora_linear, t) for t in sets]
-        rec["linear_graph"] = self.timer.per_call(calls * max(1, 16 // num_sets))
+        repeat = max(1, 16 // num_sets)
+        vs = [sgmv.lora_shrink(t.x, t.lora_a, t.ranks, t.segments) for t in sets]
+        graphs = {
+            "shrink": [functools.partial(shrink, t) for t in sets],
+            "expand": [functools.partial(expand, t, v) for t, v in zip(sets, vs)],
+            "linear": [functools.partial(lora_linear, t) for t in sets],
+        }
+        if phase == "decode":
+            for path in ("fused", "split"):
+                graphs[path] = [functools.partial(lora_linear, t, path) for t in sets]
+        for name, calls in graphs.items():
+            rec[f"{name}_graph"] = self.timer.per_call(calls * repeat)
         if baselines:
             rec.update(self.baselines(s, sets, slot_ranks, graph=phase == "decode"))
         self.cases.append(rec)
@@ -178,56 +183,45 @@ def mixed_ranks(bench: Bench, linears) -> list[dict]:
 
 
 def sweep(bench: Bench, linears) -> list[dict]:
-    """Kernel configs around the defaults, eager, on the shapes that pick them."""
+    """Kernel configs around the defaults, timed in a graph (no host overhead), on the shapes
+    that choose them; "default" rows are what the launchers pick by themselves."""
     from loraplex.kernels.sgmv.expand import ExpandConfig, sgmv_expand
+    from loraplex.kernels.sgmv.fused import FusedConfig, sgmv_fused
     from loraplex.kernels.sgmv.shrink import ShrinkConfig, sgmv_shrink
 
     by_name = {lin.name: lin for lin in linears}
-    shrink_decode = [ShrinkConfig(16, bk, sk) for bk in (128, 256) for sk in (1, 4, 16)]
-    shrink_prefill = [
-        ShrinkConfig(64, 128, 1, 4, 3),
-        ShrinkConfig(64, 128, 1, 8, 3),
-        ShrinkConfig(64, 64, 1, 4, 4),
-        ShrinkConfig(16, 128, 1, 4, 3),
-        ShrinkConfig(64, 128, 2, 4, 3),
-        ShrinkConfig(64, 256, 1, 8, 3),
-    ]
-    expand_prefill = [ExpandConfig(n, 16, w) for n, w in ((32, 4), (64, 4), (64, 8))]
-    expand_prefill += [ExpandConfig(128, 16, w) for w in (4, 8)]
-    expand_decode = [ExpandConfig(n, 16, w) for n in (64, 128, 256) for w in (4, 8)]
-    plan = [
+    shrink_decode = [ShrinkConfig(16, 256, k) for k in (1, 2, 4, 8, 16)]
+    shrink_prefill = [ShrinkConfig(16, 128, 1, 4, 4), ShrinkConfig(64, 64, 1, 4, 4)]
+    expand_prefill = [ExpandConfig(n, None, w) for n, w in ((64, 4), (256, 8))]
+    fused = [FusedConfig(n, k) for n in (128, 256, 512) for k in (128, 256)]
+    plan = [  # kernel, linear, tokens, run length, configs, tile sizes
         ("shrink", "o", 1, 1, shrink_decode, (64,)),
-        ("shrink", "o", 64, 1, shrink_decode, (64,)),
-        ("shrink", "o", 256, 1, shrink_decode, (64,)),
-        ("shrink", "qkv", 8192, 512, shrink_prefill + [None], (64,)),
-        ("shrink", "qkv", 8192, 512, [None], (32, 128)),
-        ("expand", "qkv", 8192, 512, expand_prefill + [None], (64,)),
-        ("expand", "gate_up", 8192, 512, expand_prefill + [None], (64,)),
-        ("expand", "qkv", 8192, 512, [None], (32, 128)),
-        ("expand", "gate_up", 256, 1, expand_decode + [None], (64,)),
-        ("expand", "gate_up", 1, 1, expand_decode + [None], (64,)),
+        ("shrink", "qkv", 64, 1, shrink_decode, (64,)),
+        ("fused", "gate_up", 1, 1, fused, (64,)),
+        ("fused", "qkv", 16, 1, fused, (64,)),
+        ("shrink", "qkv", 8192, 512, shrink_prefill, (32, 64, 128)),
+        ("expand", "gate_up", 8192, 512, expand_prefill, (32, 64, 128)),
     ]
     if bench.smoke:
-        plan = [(k, "qkv", 16, 4, [None], (16,)) for k in ("shrink", "expand")]
+        plan = [(k, "qkv", 16, 4, [], (16,)) for k in ("shrink", "expand", "fused")]
+    launchers = {"shrink": sgmv_shrink, "expand": sgmv_expand, "fused": sgmv_fused}
     out = []
     for kernel, name, t, run, configs, tiles in plan:
         for tile_tokens in tiles:
             n = t // run
             s = bench.inputs(by_name[name], [run] * n, [RANK] * n, RANK, tile_tokens)
             v = sgmv.lora_shrink(s.x, s.lora_a, s.ranks, s.segments)
-            for cfg in configs:
-                if kernel == "shrink":
-                    fn = functools.partial(
-                        sgmv_shrink, s.x, s.lora_a, s.ranks, s.segments, config=cfg
-                    )
-                else:
-                    offsets = s.linear.offsets
-                    fn = functools.partial(
-                        sgmv_expand,
-                        *(s.y, v, s.lora_b, s.ranks, s.scales, offsets, s.segments),
-                        config=cfg,
-                    )
-                timing = eager(fn, bench.device)
+            offsets = s.linear.offsets
+            if kernel == "shrink":
+                args = (s.x, s.lora_a, s.ranks, s.segments)
+            elif kernel == "expand":
+                args = (s.y, v, s.lora_b, s.ranks, s.scales, offsets, s.segments)
+            else:
+                args = (s.y, s.x, s.lora_a, s.lora_b, s.ranks, s.scales, offsets)
+                args = (*args, s.segments)
+            for cfg in [None, *configs] if tile_tokens == 64 else [None]:
+                fn = functools.partial(launchers[kernel], *args, config=cfg)
+                timing = bench.timer.per_call([fn] * 8) or eager(fn, bench.device)
                 out.append(
                     {
                         "kernel": kernel,
@@ -235,7 +229,7 @@ def sweep(bench: Bench, linears) -> list[dict]:
                         "num_tokens": t,
                         "tile_tokens": tile_tokens,
                         "config": "default" if cfg is None else dataclasses.asdict(cfg),
-                        "median_us": timing["median_us"],
+                        "median_us": timing.get("per_call_us", timing.get("median_us")),
                     }
                 )
     return out

@@ -114,9 +114,26 @@ def make_inputs(
     )
 
 
-def lora_linear(s: LoraInputs) -> None:
-    """Ours: one shrink and one expand of all slices."""
-    v = sgmv.lora_shrink(s.x, s.lora_a, s.ranks, s.segments)
+def lora_linear(s: LoraInputs, path: str = "auto") -> None:
+    """Ours: one LoRA linear, fused kernel or shrink + expand (`path`)."""
+    sgmv.lora_linear(
+        s.y,
+        s.x,
+        s.lora_a,
+        s.lora_b,
+        s.ranks,
+        s.scales,
+        s.linear.offsets,
+        s.segments,
+        path=path,
+    )
+
+
+def shrink(s: LoraInputs) -> None:
+    sgmv.lora_shrink(s.x, s.lora_a, s.ranks, s.segments)
+
+
+def expand(s: LoraInputs, v: torch.Tensor) -> None:
     sgmv.lora_expand(s.y, v, s.lora_b, s.ranks, s.scales, s.linear.offsets, s.segments)
 
 

@@ -131,6 +131,7 @@ def test_split_k_and_ragged_k(split_k):
     segments = build_segments(p.token_slots, tile_tokens=16)
     config = ShrinkConfig(block_n=16, block_k=16, split_k=split_k)
     _check(p, *_run(p, segments, shrink_config=config))
+    assert not segments.split_counters.any(), "the last split must reset its counter"
 
 
 @interpreted
@@ -202,6 +203,55 @@ def test_add_lora_groups_tokens_on_the_device(pattern, dtype):
         backend="triton",
     )
     assert relative_error(y, expected_y(p, p.y)) < TOLERANCE[dtype]
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("pattern", ["distinct", "zipf", "identical"])
+@pytest.mark.parametrize("max_rank", [8, 16])
+def test_fused_linear_matches_definition(pattern, dtype, max_rank):
+    """Shrink and expand in one kernel, v in registers; ragged K; slices of rank 0."""
+    from loraplex.kernels.sgmv.fused import FusedConfig, sgmv_fused
+
+    p = _problem(100 + max_rank, pattern, dtype, max_rank=max_rank, in_features=40)
+    segments = build_segments(p.token_slots, tile_tokens=16)
+    y = p.y.clone()
+    config = FusedConfig(block_n=16, block_k=16)
+    sgmv_fused(
+        y,
+        p.x,
+        p.lora_a,
+        p.lora_b,
+        p.ranks,
+        p.scales,
+        p.slice_offsets,
+        segments,
+        config=config,
+    )
+    assert relative_error(y, expected_y(p, p.y)) < TOLERANCE[dtype]
+    base_only = torch.tensor([s < 0 for s in p.token_slots])
+    assert torch.equal(y[base_only], p.y[base_only])
+
+
+@interpreted
+@pytest.mark.parametrize("path", ["auto", "fused", "split"])
+def test_lora_linear_paths_agree(path):
+    p = _problem(110, "skewed", torch.float32)
+    segments = LoraSegmentBuffers.make(40, 6, "cpu", tile_tokens=16).fill(p.token_slots)
+    y = p.y.clone()
+    sgmv.lora_linear(
+        y,
+        p.x,
+        p.lora_a,
+        p.lora_b,
+        p.ranks,
+        p.scales,
+        p.slice_offsets,
+        segments,
+        backend="triton",
+        path=path,
+    )
+    assert relative_error(y, expected_y(p, p.y)) < TOLERANCE[torch.float32]
 
 
 @interpreted

@@ -2,8 +2,11 @@
 
 Public ops:
 - `add_lora(y, x, lora_a, lora_b, ranks, scales, token_slots)`: the functional form, one slice.
-- `lora_shrink` / `lora_expand`: what the engine calls for each (possibly fused) LoRA linear, with
-  segment metadata built once per step by `build_segments`.
+- `lora_linear(y, x, lora_a, lora_b, ranks, scales, slice_offsets, segments)`: one whole
+  (possibly fused q/k/v or gate/up) LoRA linear; on Triton it launches one fused kernel for small
+  decode batches and a shrink + expand otherwise.
+- `lora_shrink` / `lora_expand`: the two halves, for callers that keep v.
+Segment metadata is built once per step by `build_segments` (or `LoraSegmentBuffers` for graphs).
 
 `backend="auto"` runs Triton on CUDA tensors and the torch reference on CPU tensors; `"torch"`
 forces the reference; `"triton"` forces the kernels (on CPU tensors in Triton's interpreter, as
@@ -12,6 +15,7 @@ forces the reference; `"triton"` forces the kernels (on CPU tensors in Triton's 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Literal
 
@@ -26,6 +30,12 @@ from .segments import (
 )
 
 Backend = Literal["auto", "torch", "triton"]
+LinearPath = Literal["auto", "fused", "split"]
+
+# `lora_linear` fuses shrink and expand while the fused kernel's re-reads of A (one slice per
+# output block per tile, from L2) stay below this: at L2 speed that costs less than the second
+# launch it saves (~2 us in a graph).
+FUSED_MAX_REREAD_BYTES = 16 * 2**20
 
 __all__ = [
     "Backend",
@@ -34,6 +44,7 @@ __all__ = [
     "add_lora",
     "build_segments",
     "lora_expand",
+    "lora_linear",
     "lora_shrink",
     "resolve_backend",
 ]
@@ -57,6 +68,66 @@ def _triton_ops():
     from . import expand, shrink
 
     return shrink, expand
+
+
+def lora_linear(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    slice_offsets: Sequence[int],
+    segments: LoraSegments,
+    *,
+    backend: Backend = "auto",
+    path: LinearPath = "auto",
+) -> None:
+    """y[t, o_i : o_{i+1}] += scales[s, i] * (x[t] @ A_i[s, :r].T) @ B[s, o_i : o_{i+1}, :r].T.
+
+    One LoRA linear of S slices (layout of `lora_shrink` and `lora_expand`), in place.
+
+    :param path: "fused" (one kernel, v kept in registers), "split" (shrink then expand) or
+        "auto": fused while its extra reads of A stay under FUSED_MAX_REREAD_BYTES. Triton only.
+    """
+    if resolve_backend(backend, x) == "torch":
+        v = lora_shrink_reference(x, lora_a, ranks, segments.token_slots)
+        lora_expand_reference(
+            y, v, lora_b, ranks, scales, slice_offsets, segments.token_slots
+        )
+        return
+    shrink, expand = _triton_ops()
+    from . import fused
+
+    if path == "auto":
+        widths = [b - a for a, b in itertools.pairwise(slice_offsets)]
+        block_m = max(16, 1 << (segments.max_tile_len - 1).bit_length())
+        config = fused.choose_fused_config(lora_b.shape[2], block_m, x.dtype)
+        extra = fused.fused_reread_bytes(
+            segments,
+            x.shape[1],
+            widths,
+            lora_b.shape[2],
+            x.element_size(),
+            config.block_n,
+        )
+        path = "fused" if extra <= FUSED_MAX_REREAD_BYTES else "split"
+    if path == "fused":
+        shrink.check_shrink_inputs(x, lora_a, ranks, segments)
+        expand.check_expand_inputs(
+            y, None, lora_b, ranks, scales, slice_offsets, segments
+        )
+        if (
+            x.shape[0] != y.shape[0]
+            or lora_a.shape[1] != ranks.shape[1] * lora_b.shape[2]
+        ):
+            raise ValueError("x and y, or lora_a and lora_b, disagree in shape")
+        fused.sgmv_fused(y, x, lora_a, lora_b, ranks, scales, slice_offsets, segments)
+    elif path == "split":
+        v = shrink.sgmv_shrink(x, lora_a, ranks, segments)
+        expand.sgmv_expand(y, v, lora_b, ranks, scales, slice_offsets, segments)
+    else:
+        raise ValueError(f"unknown path {path!r}; expected 'auto', 'fused' or 'split'")
 
 
 def add_lora(
@@ -86,13 +157,18 @@ def add_lora(
     if resolve_backend(backend, x) == "torch":
         add_lora_reference(y, x, lora_a, lora_b, ranks, scales, token_slots)
         return
-    shrink, expand = _triton_ops()
     # Grouped on the device with torch ops: no host sync, a capacity-sized grid.
     segments = segments_from_slot_tensor(token_slots, lora_a.shape[0])
-    v = shrink.sgmv_shrink(x, lora_a, ranks[:, None], segments)
-    slice_offsets = (0, y.shape[1])
-    expand.sgmv_expand(
-        y, v, lora_b, ranks[:, None], scales[:, None], slice_offsets, segments
+    lora_linear(
+        y,
+        x,
+        lora_a,
+        lora_b,
+        ranks[:, None],
+        scales[:, None],
+        (0, y.shape[1]),
+        segments,
+        backend="triton",
     )
 
 

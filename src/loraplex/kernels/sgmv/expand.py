@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ._launch import SUPPORTED_DTYPES, dot_precision, kernel_for, next_pow2
+from ._tiles import load_tile, output_block
 from .segments import LoraSegments
 
 
@@ -50,34 +51,22 @@ def sgmv_expand_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_tile = tl.program_id(1)
-    tile_len = tl.load(tile_lens_ptr + pid_tile)
-    if tile_len == 0:  # unused capacity of a graph-sized grid, or an empty segment
-        return
-    slot = tl.load(tile_slots_ptr + pid_tile).to(tl.int64)
-
-    # Which slice owns output block pid_n: the slices' blocks are laid back to back.
-    slice_id = 0
-    col_start = slice_offsets[0]
-    col_end = slice_offsets[1]
-    first_block = slice_first_blocks[0]
-    for i in tl.static_range(1, NUM_SLICES):
-        here = pid_n >= slice_first_blocks[i]
-        slice_id = tl.where(here, i, slice_id)
-        col_start = tl.where(here, slice_offsets[i], col_start)
-        col_end = tl.where(here, slice_offsets[i + 1], col_end)
-        first_block = tl.where(here, slice_first_blocks[i], first_block)
+    tile_len, slot, row_valid, tokens = load_tile(
+        tile_starts_ptr,
+        tile_lens_ptr,
+        tile_slots_ptr,
+        sorted_tokens_ptr,
+        pid_tile,
+        BLOCK_M,
+    )
+    slice_id, offs_n, col_valid = output_block(
+        pid_n, slice_offsets, slice_first_blocks, NUM_SLICES, BLOCK_N
+    )
     rank = tl.load(ranks_ptr + slot * stride_ranks_slot + slice_id)
-    if rank == 0:  # this adapter leaves the slice alone
-        return
     scale = tl.load(scales_ptr + slot * stride_scales_slot + slice_id)
-
-    tile_start = tl.load(tile_starts_ptr + pid_tile)
-    offs_m = tl.arange(0, BLOCK_M)
-    row_valid = offs_m < tile_len
-    tokens = tl.load(sorted_tokens_ptr + tile_start + offs_m, mask=row_valid, other=0)
-    tokens = tokens.to(tl.int64)
-    offs_n = col_start + (pid_n - first_block) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_valid = offs_n < col_end
+    # An unused tile, or an adapter that leaves this slice alone.
+    if (tile_len == 0) | (rank == 0):
+        return
     v_rows = v_ptr + tokens[:, None] * stride_v_token + slice_id * max_rank
     b_cols = lora_b_ptr + slot * stride_b_slot + offs_n[None, :] * stride_b_row
 
@@ -111,9 +100,11 @@ class ExpandConfig:
     """Tile shape and launch options of one expand launch (BLOCK_M comes from the segments)."""
 
     block_n: int
-    block_r: int = 16
+    # Rank step; None: the pool's max_rank rounded up to a power of two in [16, 64], so that
+    # ranks up to 64 take one step (one round of loads) and a smaller rank masks the rest.
+    block_r: int | None = None
     num_warps: int = 4
-    # One stage: the rank loop is 1-8 steps, and pipelined Hopper wgmma with a register operand
+    # One stage: the rank loop is 1-2 steps, and pipelined Hopper wgmma with a register operand
     # (v rounded in registers) was miscompiled by ptxas < 13.3 (triton-lang/triton#9433).
     num_stages: int = 1
 
@@ -121,19 +112,64 @@ class ExpandConfig:
 def choose_expand_config(block_m: int, dtype: torch.dtype) -> ExpandConfig:
     """A config from the problem shape. Expand streams y (read + write) and each slot's B once.
 
-    - decode tiles (block_m 16): 128 columns of 16-bit y per gathered row, 4 warps.
-    - prefill tiles (block_m >= 32): 64 columns and 8 warps keep the per-element y pointers out
-      of local memory (sm_90 report: 64x128 with 4 warps spills, 64x64 with 8 warps uses 91
-      registers, two or more programs per SM).
-    - fp32 y: half the columns, to keep the y tile's registers the same.
+    128 columns of 16-bit y per gathered token row (256 contiguous bytes), 4 warps: the best of
+    the configs swept on an H100 (2026-11-27) for decode (T=256, gate/up) and prefill (T=8192,
+    q/k/v and gate/up), ahead of 64 columns or 8 warps by 10-20%. fp32 y: half the columns.
     """
-    if block_m <= 16:
-        block_n, num_warps = 128, 4
-    else:
-        block_n, num_warps = 64, 8
-    if dtype == torch.float32:
-        block_n //= 2
-    return ExpandConfig(block_n=block_n, num_warps=num_warps)
+    block_n = 64 if dtype == torch.float32 else 128
+    return ExpandConfig(block_n=block_n)
+
+
+def check_expand_inputs(
+    y: torch.Tensor,
+    v: torch.Tensor | None,
+    lora_b: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    slice_offsets: Sequence[int],
+    segments: LoraSegments,
+) -> None:
+    """Raise on shapes, dtypes, strides or devices the expand does not take (v None: fused)."""
+    if y.dim() != 2 or lora_b.dim() != 3 or (v is not None and v.dim() != 2):
+        raise ValueError("expected y [T, out], v [T, S*R], lora_b [slots, out, R]")
+    num_tokens, out_features = y.shape
+    num_slots, b_out, max_rank = lora_b.shape
+    num_slices = ranks.shape[1] if ranks.dim() == 2 else -1
+    offsets = tuple(int(o) for o in slice_offsets)
+    if (
+        ranks.shape != (num_slots, num_slices)
+        or scales.shape != (num_slots, num_slices)
+        or (v is not None and v.shape != (num_tokens, num_slices * max_rank))
+        or b_out != out_features
+    ):
+        raise ValueError(
+            f"shapes disagree: y {tuple(y.shape)}, lora_b "
+            f"{tuple(lora_b.shape)}, ranks {tuple(ranks.shape)}, scales {tuple(scales.shape)}"
+        )
+    if len(offsets) != num_slices + 1 or offsets[0] != 0 or offsets[-1] != out_features:
+        raise ValueError(f"slice_offsets {offsets} must run from 0 to {out_features}")
+    if any(b < a for a, b in itertools.pairwise(offsets)):
+        raise ValueError(f"slice_offsets {offsets} must not decrease")
+    if y.dtype not in SUPPORTED_DTYPES or lora_b.dtype != y.dtype:
+        raise TypeError(f"y {y.dtype} and lora_b {lora_b.dtype}: same float16/32 type")
+    if scales.dtype != torch.float32 or (v is not None and v.dtype != torch.float32):
+        raise TypeError("v and scales must be float32")
+    if ranks.dtype != torch.int32:
+        raise TypeError(f"ranks must be int32, got {ranks.dtype}")
+    if (
+        y.stride(1) != 1
+        or lora_b.stride(2) != 1
+        or (v is not None and v.stride(1) != 1)
+    ):
+        raise ValueError("y, v and lora_b need unit stride along their last dim")
+    if ranks.stride(1) != 1 or scales.stride(1) != 1:
+        raise ValueError("ranks and scales need unit stride along slices")
+    tensors = (y, lora_b, ranks, scales, segments.tile_lens) + (
+        () if v is None else (v,)
+    )
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError("all tensors and the segments must share one device")
 
 
 def sgmv_expand(
@@ -156,39 +192,10 @@ def sgmv_expand(
     :param slice_offsets: S + 1 host ints: where each slice starts, then out_features.
     :param config: overrides `choose_expand_config` (benchmarks sweep it).
     """
-    if y.dim() != 2 or v.dim() != 2 or lora_b.dim() != 3:
-        raise ValueError("expected y [T, out], v [T, S*R], lora_b [slots, out, R]")
-    num_tokens, out_features = y.shape
-    num_slots, b_out, max_rank = lora_b.shape
-    num_slices = ranks.shape[1] if ranks.dim() == 2 else -1
+    check_expand_inputs(y, v, lora_b, ranks, scales, slice_offsets, segments)
     offsets = tuple(int(o) for o in slice_offsets)
-    if (
-        ranks.shape != (num_slots, num_slices)
-        or scales.shape != (num_slots, num_slices)
-        or v.shape != (num_tokens, num_slices * max_rank)
-        or b_out != out_features
-    ):
-        raise ValueError(
-            f"shapes disagree: y {tuple(y.shape)}, v {tuple(v.shape)}, lora_b "
-            f"{tuple(lora_b.shape)}, ranks {tuple(ranks.shape)}, scales {tuple(scales.shape)}"
-        )
-    if len(offsets) != num_slices + 1 or offsets[0] != 0 or offsets[-1] != out_features:
-        raise ValueError(f"slice_offsets {offsets} must run from 0 to {out_features}")
-    if any(b < a for a, b in itertools.pairwise(offsets)):
-        raise ValueError(f"slice_offsets {offsets} must not decrease")
-    if y.dtype not in SUPPORTED_DTYPES or lora_b.dtype != y.dtype:
-        raise TypeError(f"y {y.dtype} and lora_b {lora_b.dtype}: same float16/32 type")
-    if v.dtype != torch.float32 or scales.dtype != torch.float32:
-        raise TypeError("v and scales must be float32")
-    if ranks.dtype != torch.int32:
-        raise TypeError(f"ranks must be int32, got {ranks.dtype}")
-    if y.stride(1) != 1 or v.stride(1) != 1 or lora_b.stride(2) != 1:
-        raise ValueError("y, v and lora_b need unit stride along their last dim")
-    if ranks.stride(1) != 1 or scales.stride(1) != 1:
-        raise ValueError("ranks and scales need unit stride along slices")
-    devices = {t.device for t in (y, v, lora_b, ranks, scales, segments.tile_lens)}
-    if len(devices) != 1:
-        raise ValueError("all tensors and the segments must share one device")
+    max_rank = lora_b.shape[2]
+    num_slices = ranks.shape[1]
     if segments.num_tiles == 0:
         return
 
@@ -222,7 +229,7 @@ def sgmv_expand(
         NUM_SLICES=num_slices,
         BLOCK_M=block_m,
         BLOCK_N=cfg.block_n,
-        BLOCK_R=cfg.block_r,
+        BLOCK_R=cfg.block_r or min(64, max(16, next_pow2(max_rank))),
         DOT_PRECISION=dot_precision(y.dtype),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,

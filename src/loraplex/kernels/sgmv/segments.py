@@ -29,6 +29,8 @@ import torch
 # 64 rows fills one Hopper warpgroup MMA and re-reads an adapter's A and B once per 64 tokens of
 # a prefill chunk; decode tiles (1 token) get a smaller BLOCK_M from `max_tile_len`.
 DEFAULT_TILE_TOKENS = 64
+# Split-K counters per tile: one per block of shrink output columns (S·R / BLOCK_N <= 32).
+COUNTERS_PER_TILE = 32
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,10 @@ class LoraSegments:
     )  # [num_tiles] int32, first entry of each tile in sorted_tokens
     tile_lens: torch.Tensor  # [num_tiles] int32, tokens in each tile; 0 = unused, exits
     tile_slots: torch.Tensor  # [num_tiles] int32, the slot of each tile (>= 0)
+    # [num_tiles * COUNTERS_PER_TILE] int32: the shrink's split-K arrival counters. Zero between
+    # launches (each launch resets what it used), so every layer of a step reuses them; launches
+    # sharing one LoraSegments must run one after another on one stream.
+    split_counters: torch.Tensor
     num_lora_tokens: (
         int  # host: tokens that belong to some segment (an upper bound at most)
     )
@@ -120,8 +126,10 @@ def build_segments(
     for part in parts:
         views.append(packed[offset : offset + len(part)])
         offset += len(part)
+    counters = torch.zeros(len(tiles) * COUNTERS_PER_TILE, dtype=torch.int32)
     return LoraSegments(
         *views,
+        split_counters=counters.to(device),
         num_lora_tokens=len(sorted_tokens),
         num_segments=len(slots),
         num_tiles=len(tiles),
@@ -165,6 +173,9 @@ class LoraSegmentBuffers:
         pinned = self.device.type == "cuda"
         self._host = torch.zeros(sum(self._sizes), dtype=torch.int32, pin_memory=pinned)
         self._device = torch.zeros_like(self._host, device=self.device)
+        self._split_counters = torch.zeros(
+            self.max_tiles * COUNTERS_PER_TILE, dtype=torch.int32, device=self.device
+        )
         # The host staging buffer is rewritten each step; the event says the last copy is done.
         self._copied = torch.cuda.Event() if pinned else None
 
@@ -219,6 +230,7 @@ class LoraSegmentBuffers:
         views[0] = views[0][: len(token_slots)]
         return LoraSegments(
             *views,
+            split_counters=self._split_counters,
             num_lora_tokens=len(sorted_tokens),
             num_segments=self.max_slots,
             num_tiles=self.max_tiles,
@@ -274,6 +286,9 @@ def segments_from_slot_tensor(
         tile_starts=tile_start.to(torch.int32),
         tile_lens=tile_len.to(torch.int32),
         tile_slots=tile_slot.to(torch.int32),
+        split_counters=torch.zeros(
+            capacity * COUNTERS_PER_TILE, dtype=torch.int32, device=device
+        ),
         num_lora_tokens=num_tokens,
         num_segments=num_slots,
         num_tiles=capacity,

@@ -3,10 +3,13 @@
 SGMV shrink. One program computes one tile of tokens (all of one slot, from `LoraSegments`) times
 BLOCK_N columns of v, over one split of the input features. Columns past their slice's rank are
 never loaded and a block of columns that holds none exits at once, so a rank-8 adapter in a
-rank-64 pool reads and multiplies only its 8 rows. With SPLIT_K > 1 the splits add their partial
-sums into a zeroed v with fp32 atomics (decode batches have too few tiles to fill the GPU
-otherwise). Entries of v that no valid (token, column) pair owns are left unwritten: the expand
-never reads them.
+rank-64 pool reads and multiplies only its 8 rows.
+
+Decode batches have too few tiles to fill the GPU, so K is split (SPLIT_K > 1): each split stores
+its partial sums in a workspace and bumps a per-(tile, column block) counter; the last split to
+arrive adds the partials in split order and writes v, then resets the counter to zero for the
+next launch. One launch, no zero-filled output, and the same bits on every run. Entries of v that
+no valid (token, column) pair owns are left unwritten: the expand never reads them.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import triton
 import triton.language as tl
 
 from ._launch import SUPPORTED_DTYPES, dot_precision, kernel_for, next_pow2, num_sms
-from .segments import LoraSegments
+from ._tiles import load_tile
+from .segments import COUNTERS_PER_TILE, LoraSegments
 
 
 @triton.jit
@@ -26,6 +30,8 @@ def sgmv_shrink_kernel(
     x_ptr,
     lora_a_ptr,
     v_ptr,
+    partials_ptr,
+    split_counters_ptr,
     ranks_ptr,
     sorted_tokens_ptr,
     tile_starts_ptr,
@@ -39,7 +45,9 @@ def sgmv_shrink_kernel(
     stride_a_slot,
     stride_a_row,
     stride_v_token,
+    stride_partials_split,
     stride_ranks_slot,
+    COUNTERS_PER_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -50,10 +58,14 @@ def sgmv_shrink_kernel(
     pid_n = tl.program_id(0)
     pid_tile = tl.program_id(1)
     pid_k = tl.program_id(2)
-    tile_len = tl.load(tile_lens_ptr + pid_tile)
-    if tile_len == 0:  # unused capacity of a graph-sized grid, or an empty segment
-        return
-    slot = tl.load(tile_slots_ptr + pid_tile).to(tl.int64)
+    tile_len, slot, row_valid, tokens = load_tile(
+        tile_starts_ptr,
+        tile_lens_ptr,
+        tile_slots_ptr,
+        sorted_tokens_ptr,
+        pid_tile,
+        BLOCK_M,
+    )
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_rank = tl.load(
         ranks_ptr + slot * stride_ranks_slot + offs_n // max_rank,
@@ -61,14 +73,9 @@ def sgmv_shrink_kernel(
         other=0,
     )
     col_valid = (offs_n % max_rank) < col_rank
-    if tl.max(col_valid.to(tl.int32), axis=0) == 0:  # all past rank: no work
+    # An unused tile, or every column of this block past its slice's rank.
+    if (tile_len == 0) | (tl.max(col_valid.to(tl.int32), axis=0) == 0):
         return
-
-    tile_start = tl.load(tile_starts_ptr + pid_tile)
-    offs_m = tl.arange(0, BLOCK_M)
-    row_valid = offs_m < tile_len
-    tokens = tl.load(sorted_tokens_ptr + tile_start + offs_m, mask=row_valid, other=0)
-    tokens = tokens.to(tl.int64)
     x_rows = x_ptr + tokens[:, None] * stride_x_token
     a_rows = lora_a_ptr + slot * stride_a_slot + offs_n[:, None] * stride_a_row
 
@@ -87,12 +94,28 @@ def sgmv_shrink_kernel(
         a_tile = tl.load(a_rows + offs_k[None, :], mask=a_mask, other=0.0)
         acc = tl.dot(x_tile, tl.trans(a_tile), acc, input_precision=DOT_PRECISION)
 
-    v_ptrs = v_ptr + tokens[:, None] * stride_v_token + offs_n[None, :]
+    columns = tokens[:, None] * stride_v_token + offs_n[None, :]
     out_mask = row_valid[:, None] & col_valid[None, :]
     if SPLIT_K == 1:
-        tl.store(v_ptrs, acc, mask=out_mask)
+        tl.store(v_ptr + columns, acc, mask=out_mask)
     else:
-        tl.atomic_add(v_ptrs, acc, mask=out_mask, sem="relaxed")
+        tl.store(
+            partials_ptr + pid_k * stride_partials_split + columns, acc, mask=out_mask
+        )
+        tl.debug_barrier()  # every thread's partial is stored before the release below
+        counter = split_counters_ptr + pid_tile * COUNTERS_PER_TILE + pid_n
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:  # the last split: every partial is visible now
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for split in tl.static_range(SPLIT_K):
+                total += tl.load(
+                    partials_ptr + split * stride_partials_split + columns,
+                    mask=out_mask,
+                    other=0.0,
+                    cache_modifier=".cg",  # written by other SMs: read from L2
+                )
+            tl.store(v_ptr + columns, total, mask=out_mask)
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
 @dataclass(frozen=True)
@@ -132,11 +155,40 @@ def choose_shrink_config(
     k_steps = -(-in_features // block_k)
     programs = -(-num_columns // block_n) * num_tiles
     split_k = 1
-    while programs * split_k < num_sms(device) and k_steps // (2 * split_k) >= 2:
-        split_k *= 2
+    if -(-num_columns // block_n) <= COUNTERS_PER_TILE:
+        while programs * split_k < num_sms(device) and k_steps // (2 * split_k) >= 2:
+            split_k *= 2
     stage_bytes = (block_m + block_n) * block_k * elem
     num_stages = max(2, min(4, 98304 // stage_bytes))
     return ShrinkConfig(block_n, block_k, split_k, num_stages=num_stages)
+
+
+def check_shrink_inputs(
+    x: torch.Tensor, lora_a: torch.Tensor, ranks: torch.Tensor, segments: LoraSegments
+) -> None:
+    """Raise on shapes, dtypes, strides or devices the shrink does not take."""
+    if x.dim() != 2 or lora_a.dim() != 3 or ranks.dim() != 2:
+        raise ValueError(
+            "expected x [T, in], lora_a [slots, S*R, in], ranks [slots, S]"
+        )
+    in_features = x.shape[1]
+    num_slots, num_columns, a_in = lora_a.shape
+    num_slices = ranks.shape[1]
+    if a_in != in_features or ranks.shape[0] != num_slots:
+        raise ValueError(
+            f"shapes disagree: x {tuple(x.shape)}, lora_a {tuple(lora_a.shape)}, "
+            f"ranks {tuple(ranks.shape)}"
+        )
+    if num_columns % num_slices:
+        raise ValueError(f"lora_a rows {num_columns} are not S={num_slices} x max_rank")
+    if x.dtype not in SUPPORTED_DTYPES or lora_a.dtype != x.dtype:
+        raise TypeError(f"x {x.dtype} and lora_a {lora_a.dtype}: same float16/32 type")
+    if ranks.dtype != torch.int32:
+        raise TypeError(f"ranks must be int32, got {ranks.dtype}")
+    if x.stride(1) != 1 or lora_a.stride(2) != 1 or ranks.stride(1) != 1:
+        raise ValueError("x, lora_a and ranks need unit stride along their last dim")
+    if not (x.device == lora_a.device == ranks.device == segments.tile_lens.device):
+        raise ValueError("x, lora_a, ranks and the segments must share one device")
 
 
 def sgmv_shrink(
@@ -156,34 +208,16 @@ def sgmv_shrink(
     :param out: optional [num_tokens, S·R] float32 to write into (tests poison it).
     :param config: overrides `choose_shrink_config` (benchmarks sweep it).
     """
-    if x.dim() != 2 or lora_a.dim() != 3 or ranks.dim() != 2:
-        raise ValueError(
-            "expected x [T, in], lora_a [slots, S*R, in], ranks [slots, S]"
-        )
+    check_shrink_inputs(x, lora_a, ranks, segments)
     num_tokens, in_features = x.shape
-    num_slots, num_columns, a_in = lora_a.shape
+    num_columns = lora_a.shape[1]
     num_slices = ranks.shape[1]
-    if a_in != in_features or ranks.shape[0] != num_slots:
-        raise ValueError(
-            f"shapes disagree: x {tuple(x.shape)}, lora_a {tuple(lora_a.shape)}, "
-            f"ranks {tuple(ranks.shape)}"
-        )
-    if num_columns % num_slices:
-        raise ValueError(f"lora_a rows {num_columns} are not S={num_slices} x max_rank")
-    if x.dtype not in SUPPORTED_DTYPES or lora_a.dtype != x.dtype:
-        raise TypeError(f"x {x.dtype} and lora_a {lora_a.dtype}: same float16/32 type")
-    if ranks.dtype != torch.int32:
-        raise TypeError(f"ranks must be int32, got {ranks.dtype}")
-    if x.stride(1) != 1 or lora_a.stride(2) != 1 or ranks.stride(1) != 1:
-        raise ValueError("x, lora_a and ranks need unit stride along their last dim")
-    if not (x.device == lora_a.device == ranks.device == segments.tile_lens.device):
-        raise ValueError("x, lora_a, ranks and the segments must share one device")
     if out is None:
         out = torch.empty(num_tokens, num_columns, dtype=torch.float32, device=x.device)
     elif out.shape != (num_tokens, num_columns) or out.dtype != torch.float32:
         raise ValueError(f"out must be [{num_tokens}, {num_columns}] float32")
-    elif out.stride(1) != 1:
-        raise ValueError("out needs unit stride along columns")
+    elif not out.is_contiguous():
+        raise ValueError("out must be contiguous")
     if segments.num_tiles == 0:
         return out
 
@@ -191,15 +225,23 @@ def sgmv_shrink(
     cfg = config or choose_shrink_config(
         segments.num_tiles, block_m, num_columns, in_features, x.dtype, x.device
     )
+    num_blocks = -(-num_columns // cfg.block_n)
+    if cfg.split_k > 1 and num_blocks > COUNTERS_PER_TILE:
+        raise ValueError(f"split_k needs at most {COUNTERS_PER_TILE} column blocks")
+    partials = out
     if cfg.split_k > 1:
-        out.zero_()  # the K splits accumulate with atomics
+        partials = torch.empty(
+            cfg.split_k, num_tokens, num_columns, dtype=torch.float32, device=x.device
+        )
     k_steps = -(-in_features // cfg.block_k)
     k_per_split = -(-k_steps // cfg.split_k) * cfg.block_k
-    grid = (-(-num_columns // cfg.block_n), segments.num_tiles, cfg.split_k)
+    grid = (num_blocks, segments.num_tiles, cfg.split_k)
     kernel_for(sgmv_shrink_kernel, x)[grid](
         x,
         lora_a,
         out,
+        partials,
+        segments.split_counters,
         ranks,
         segments.sorted_tokens,
         segments.tile_starts,
@@ -213,7 +255,9 @@ def sgmv_shrink(
         lora_a.stride(0),
         lora_a.stride(1),
         out.stride(0),
+        partials.stride(0) if cfg.split_k > 1 else 0,
         ranks.stride(0),
+        COUNTERS_PER_TILE=COUNTERS_PER_TILE,
         BLOCK_M=block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
