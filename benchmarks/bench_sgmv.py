@@ -193,14 +193,13 @@ def sweep(bench: Bench, linears) -> list[dict]:
     shrink_decode = [ShrinkConfig(16, 256, k) for k in (1, 2, 4, 8, 16)]
     shrink_prefill = [ShrinkConfig(16, 128, 1, 4, 4), ShrinkConfig(64, 64, 1, 4, 4)]
     expand_prefill = [ExpandConfig(n, None, w) for n, w in ((64, 4), (256, 8))]
-    fused = [FusedConfig(n, k) for n in (128, 256, 512) for k in (128, 256)]
+    fused = [FusedConfig(n, k) for n in (256, 512) for k in (128, 256)]
     plan = [  # kernel, linear, tokens, run length, configs, tile sizes
         ("shrink", "o", 1, 1, shrink_decode, (64,)),
         ("shrink", "qkv", 64, 1, shrink_decode, (64,)),
         ("fused", "gate_up", 1, 1, fused, (64,)),
-        ("fused", "qkv", 16, 1, fused, (64,)),
         ("shrink", "qkv", 8192, 512, shrink_prefill, (32, 64, 128)),
-        ("expand", "gate_up", 8192, 512, expand_prefill, (32, 64, 128)),
+        ("expand", "gate_up", 8192, 512, expand_prefill, (64,)),
     ]
     if bench.smoke:
         plan = [(k, "qkv", 16, 4, [], (16,)) for k in ("shrink", "expand", "fused")]

@@ -3,8 +3,7 @@
 Public ops:
 - `add_lora(y, x, lora_a, lora_b, ranks, scales, token_slots)`: the functional form, one slice.
 - `lora_linear(y, x, lora_a, lora_b, ranks, scales, slice_offsets, segments)`: one whole
-  (possibly fused q/k/v or gate/up) LoRA linear; on Triton it launches one fused kernel for small
-  decode batches and a shrink + expand otherwise.
+  (possibly fused q/k/v or gate/up) LoRA linear: a shrink and an expand launch.
 - `lora_shrink` / `lora_expand`: the two halves, for callers that keep v.
 Segment metadata is built once per step by `build_segments` (or `LoraSegmentBuffers` for graphs).
 
@@ -15,7 +14,6 @@ forces the reference; `"triton"` forces the kernels (on CPU tensors in Triton's 
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from typing import Literal
 
@@ -32,10 +30,10 @@ from .segments import (
 Backend = Literal["auto", "torch", "triton"]
 LinearPath = Literal["auto", "fused", "split"]
 
-# `lora_linear` fuses shrink and expand while the fused kernel's re-reads of A (one slice per
-# output block per tile, from L2) stay below this: at L2 speed that costs less than the second
-# launch it saves (~2 us in a graph).
-FUSED_MAX_REREAD_BYTES = 16 * 2**20
+# `lora_linear(path="fused")` runs shrink and expand in one kernel (v in registers, one launch).
+# On an H100 (2026-11-27) it lost to the split pair on every decode shape measured, by 1.3x at
+# one token (a fused program streams its slot's whole A without split-K) up to 6x at 256
+# tokens (every output block re-reads A), so "auto" takes the split path.
 
 __all__ = [
     "Backend",
@@ -87,8 +85,8 @@ def lora_linear(
 
     One LoRA linear of S slices (layout of `lora_shrink` and `lora_expand`), in place.
 
-    :param path: "fused" (one kernel, v kept in registers), "split" (shrink then expand) or
-        "auto": fused while its extra reads of A stay under FUSED_MAX_REREAD_BYTES. Triton only.
+    :param path: "split" (shrink then expand; what "auto" picks) or "fused" (one kernel, v kept
+        in registers; slower as measured, kept for the record and for later work). Triton only.
     """
     if resolve_backend(backend, x) == "torch":
         v = lora_shrink_reference(x, lora_a, ranks, segments.token_slots)
@@ -100,18 +98,7 @@ def lora_linear(
     from . import fused
 
     if path == "auto":
-        widths = [b - a for a, b in itertools.pairwise(slice_offsets)]
-        block_m = max(16, 1 << (segments.max_tile_len - 1).bit_length())
-        config = fused.choose_fused_config(lora_b.shape[2], block_m, x.dtype)
-        extra = fused.fused_reread_bytes(
-            segments,
-            x.shape[1],
-            widths,
-            lora_b.shape[2],
-            x.element_size(),
-            config.block_n,
-        )
-        path = "fused" if extra <= FUSED_MAX_REREAD_BYTES else "split"
+        path = "split"  # the fused kernel measured slower on every decode shape (see above)
     if path == "fused":
         shrink.check_shrink_inputs(x, lora_a, ranks, segments)
         expand.check_expand_inputs(

@@ -3,8 +3,8 @@
 SGMV expand, all output slices of one fused linear (q/k/v of different widths under GQA,
 gate/up) in one launch. The output blocks of the slices are laid back to back along grid axis 0,
 so a narrow k/v slice launches only its own blocks; axis 1 is the tile of tokens. Each program
-loops over the rank in steps of BLOCK_R up to its slot's own rank for its slice, so a rank-8
-adapter does one step where a rank-64 one does four, and a slice of rank 0 exits. v (float32) is
+reads B only up to its slot's own rank for its slice: one step of 16 ranks for ranks up to 16,
+steps of up to 64 beyond; a slice of rank 0 exits. v (float32) is
 rounded to the activation dtype for the tensor-core product, which accumulates in float32.
 """
 
@@ -21,6 +21,22 @@ import triton.language as tl
 from ._launch import SUPPORTED_DTYPES, dot_precision, kernel_for, next_pow2
 from ._tiles import load_tile, output_block
 from .segments import LoraSegments
+
+
+@triton.jit
+def _rank_step(
+    v_rows, b_cols, r, rank, row_valid, col_valid, STEP: tl.constexpr, DOT_PRECISION
+):
+    """v[:, r : r + STEP] · B[n, r : r + STEP]ᵀ over the ranks below `rank`, in float32."""
+    offs_r = r + tl.arange(0, STEP)
+    r_valid = offs_r < rank
+    v_tile = tl.load(
+        v_rows + offs_r[None, :], mask=row_valid[:, None] & r_valid[None, :], other=0.0
+    )
+    b_tile = tl.load(
+        b_cols + offs_r[:, None], mask=r_valid[:, None] & col_valid[None, :], other=0.0
+    )
+    return tl.dot(v_tile.to(b_tile.dtype), b_tile, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -47,6 +63,7 @@ def sgmv_expand_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    SMALL_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -70,23 +87,18 @@ def sgmv_expand_kernel(
     v_rows = v_ptr + tokens[:, None] * stride_v_token + slice_id * max_rank
     b_cols = lora_b_ptr + slot * stride_b_slot + offs_n[None, :] * stride_b_row
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r in range(0, rank, BLOCK_R):
-        offs_r = r + tl.arange(0, BLOCK_R)
-        r_valid = offs_r < rank
-        v_tile = tl.load(
-            v_rows + offs_r[None, :],
-            mask=row_valid[:, None] & r_valid[None, :],
-            other=0.0,
+    if rank <= SMALL_R:
+        # Ranks up to 16 take one narrow step, whatever the pool's max_rank: a rank-8 adapter
+        # in a rank-64 pool pays for 16 ranks, not 64.
+        acc = _rank_step(
+            v_rows, b_cols, 0, rank, row_valid, col_valid, SMALL_R, DOT_PRECISION
         )
-        b_tile = tl.load(
-            b_cols + offs_r[:, None],
-            mask=r_valid[:, None] & col_valid[None, :],
-            other=0.0,
-        )
-        acc = tl.dot(
-            v_tile.to(b_tile.dtype), b_tile, acc, input_precision=DOT_PRECISION
-        )
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r in range(0, rank, BLOCK_R):
+            acc += _rank_step(
+                v_rows, b_cols, r, rank, row_valid, col_valid, BLOCK_R, DOT_PRECISION
+            )
 
     y_ptrs = y_ptr + tokens[:, None] * stride_y_token + offs_n[None, :]
     y_mask = row_valid[:, None] & col_valid[None, :]
@@ -100,8 +112,8 @@ class ExpandConfig:
     """Tile shape and launch options of one expand launch (BLOCK_M comes from the segments)."""
 
     block_n: int
-    # Rank step; None: the pool's max_rank rounded up to a power of two in [16, 64], so that
-    # ranks up to 64 take one step (one round of loads) and a smaller rank masks the rest.
+    # Rank step past rank 16; None: the pool's max_rank rounded up to a power of two in
+    # [16, 64], so that ranks up to 64 take one step (one round of loads).
     block_r: int | None = None
     num_warps: int = 4
     # One stage: the rank loop is 1-2 steps, and pipelined Hopper wgmma with a register operand
@@ -230,6 +242,7 @@ def sgmv_expand(
         BLOCK_M=block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_R=cfg.block_r or min(64, max(16, next_pow2(max_rank))),
+        SMALL_R=16,
         DOT_PRECISION=dot_precision(y.dtype),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,

@@ -4,9 +4,10 @@ Shrink and expand in one launch, for decode batches. Each program owns one tile 
 one block of output columns; it computes the shrink of its own slice (x of the tile against
 the slot's r rows of A, all of K) in registers and applies it to its block of B and y at once,
 so v never touches memory and a LoRA linear costs one graph node instead of two. The price:
-every output block of a tile recomputes the shrink, reading the slot's A again from L2; the
-launcher in `__init__.py` picks this kernel only while that re-read traffic stays small (few
-tokens), and the split shrink + expand otherwise.
+every output block of a tile recomputes the shrink, reading the slot's A again from L2, and each
+program streams all of K alone. Measured on an H100 (2026-11-27, benchmarks/bench_sgmv.py) that
+price was higher than the second launch on every decode shape (one token: 10.9-29.6 us against
+7.6-9.0 us for the split pair), so `lora_linear` runs it only when asked (path="fused").
 """
 
 from __future__ import annotations
@@ -134,20 +135,6 @@ def choose_fused_config(max_rank: int, block_m: int, dtype: torch.dtype) -> Fuse
     if block_m >= 64:
         return FusedConfig(block_n=block_n, block_k=block_k // 2, num_warps=8)
     return FusedConfig(block_n=block_n, block_k=block_k)
-
-
-def fused_reread_bytes(
-    segments: LoraSegments,
-    in_features: int,
-    slice_widths: Sequence[int],
-    max_rank: int,
-    element_size: int,
-    block_n: int,
-) -> int:
-    """A bytes the fused kernel reads beyond the shrink's own: one slice of A per output block
-    of every tile (an upper bound: it assumes every slot at max_rank)."""
-    blocks = sum(-(-w // block_n) for w in slice_widths)
-    return segments.num_tiles * blocks * max_rank * in_features * element_size
 
 
 def sgmv_fused(
