@@ -39,11 +39,14 @@ def output_block(
     slice_first_blocks,
     NUM_SLICES: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """(slice_id, offs_n [BLOCK_N], col_valid [BLOCK_N]) of output block `pid_n`.
 
     The blocks of the slices are laid back to back along the grid axis, so a narrow slice (k or
-    v under GQA) launches only its own blocks.
+    v under GQA) launches only its own blocks. ALIGNED: every slice starts at a multiple of 16
+    columns (the launcher checks), which lets y be read and written 16 bytes at a time; the
+    compiler cannot see it through the slice selection and would use 2-byte accesses.
     """
     slice_id = 0
     col_start = slice_offsets[0]
@@ -55,5 +58,7 @@ def output_block(
         col_start = tl.where(here, slice_offsets[i], col_start)
         col_end = tl.where(here, slice_offsets[i + 1], col_end)
         first_block = tl.where(here, slice_first_blocks[i], first_block)
+    if ALIGNED:
+        col_start = tl.multiple_of(col_start, 16)
     offs_n = col_start + (pid_n - first_block) * BLOCK_N + tl.arange(0, BLOCK_N)
     return slice_id, offs_n, offs_n < col_end

@@ -60,6 +60,7 @@ def sgmv_expand_kernel(
     stride_ranks_slot,
     stride_scales_slot,
     NUM_SLICES: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -77,7 +78,7 @@ def sgmv_expand_kernel(
         BLOCK_M,
     )
     slice_id, offs_n, col_valid = output_block(
-        pid_n, slice_offsets, slice_first_blocks, NUM_SLICES, BLOCK_N
+        pid_n, slice_offsets, slice_first_blocks, NUM_SLICES, BLOCK_N, ALIGNED
     )
     rank = tl.load(ranks_ptr + slot * stride_ranks_slot + slice_id)
     scale = tl.load(scales_ptr + slot * stride_scales_slot + slice_id)
@@ -239,6 +240,7 @@ def sgmv_expand(
         ranks.stride(0),
         scales.stride(0),
         NUM_SLICES=num_slices,
+        ALIGNED=all(o % 16 == 0 for o in offsets),
         BLOCK_M=block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_R=cfg.block_r or min(64, max(16, next_pow2(max_rank))),

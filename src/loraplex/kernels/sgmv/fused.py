@@ -50,6 +50,7 @@ def sgmv_fused_kernel(
     stride_ranks_slot,
     stride_scales_slot,
     NUM_SLICES: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -68,7 +69,7 @@ def sgmv_fused_kernel(
         BLOCK_M,
     )
     slice_id, offs_n, col_valid = output_block(
-        pid_n, slice_offsets, slice_first_blocks, NUM_SLICES, BLOCK_N
+        pid_n, slice_offsets, slice_first_blocks, NUM_SLICES, BLOCK_N, ALIGNED
     )
     rank = tl.load(ranks_ptr + slot * stride_ranks_slot + slice_id)
     scale = tl.load(scales_ptr + slot * stride_scales_slot + slice_id)
@@ -187,6 +188,7 @@ def sgmv_fused(
         ranks.stride(0),
         scales.stride(0),
         NUM_SLICES=len(offsets) - 1,
+        ALIGNED=all(o % 16 == 0 for o in offsets),
         BLOCK_M=block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
