@@ -32,7 +32,11 @@ _UNSUPPORTED = (
     ("use_bdlora", False, "block-diagonal LoRA"),
     ("megatron_config", None, "Megatron-parallel LoRA"),
     ("arrow_config", None, "Arrow routing (arrow_config)"),
-    ("lora_ga_config", None, "LoRA-GA, which changes the base weights (lora_ga_config)"),
+    (
+        "lora_ga_config",
+        None,
+        "LoRA-GA, which changes the base weights (lora_ga_config)",
+    ),
     ("kasa_config", None, "KaSA (kasa_config)"),
     ("monteclora_config", None, "MonteCLoRA (monteclora_config)"),
     ("velora_config", None, "VeLoRA (velora_config)"),
