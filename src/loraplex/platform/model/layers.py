@@ -74,17 +74,17 @@ class LoraLinear(nn.Module):
     ) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         if self.lora is not None and segments is not None and segments.has_lora:
-            lora, backend = self.lora, self.sgmv_backend
-            v = sgmv.lora_shrink(x, lora.lora_a, lora.ranks, segments, backend=backend)
-            sgmv.lora_expand(
+            lora = self.lora
+            sgmv.lora_linear(
                 y,
-                v,
+                x,
+                lora.lora_a,
                 lora.lora_b,
                 lora.ranks,
                 lora.scales,
                 self.slice_offsets,
                 segments,
-                backend=backend,
+                backend=self.sgmv_backend,
             )
         return y
 

@@ -1,0 +1,66 @@
+"""The engine with the Triton SGMV kernels (in Triton's interpreter on the CPU) gives the tokens
+that the torch reference gives, for a batch mixing three adapters and the base model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from engine_utils import greedy, run_to_completion
+
+from checkpoints import save_random_adapter, save_tiny_model
+from loraplex.adapters_registry import load_adapter_dir
+from loraplex.platform import Engine, EngineConfig
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def test_engine_with_triton_kernels_in_the_interpreter():
+    """Runs the case below in a child process with TRITON_INTERPRET=1."""
+    if INTERPRETING:
+        pytest.skip("this is the child process")
+    pytest.importorskip("triton")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert "1 passed" in result.stdout
+
+
+def test_triton_backend_matches_the_reference(tmp_path):
+    if not INTERPRETING:
+        pytest.skip("runs in the TRITON_INTERPRET=1 child")
+    model = save_tiny_model(tmp_path / "m", "qwen3", seed=5)
+    specs = [(4, ["q_proj", "v_proj"]), (8, ["o_proj", "down_proj"]), (16, ["k_proj"])]
+    adapters = [
+        save_random_adapter(model, tmp_path / f"a{i}", rank, targets, seed=i)
+        for i, (rank, targets) in enumerate(specs)
+    ]
+    plan = {
+        f"r{i}": (list(range(3 + i, 9 + 2 * i)), greedy(4), slot)
+        for i, slot in enumerate([0, None, 1, 2, 0])
+    }
+    results = []
+    for backend in ("torch", "triton"):
+        config = EngineConfig(
+            model=str(model),
+            dtype="float32",
+            device="cpu",
+            max_loras=3,
+            max_lora_rank=16,
+            lora_backend=backend,
+        )
+        engine = Engine(config)
+        for slot, path in enumerate(adapters):
+            engine.load_adapter(slot, load_adapter_dir(path, engine.spec, 16))
+        results.append(run_to_completion(engine, plan))
+    assert results[0] == results[1]
