@@ -96,7 +96,58 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--device", default="auto", help="cpu, cuda, cuda:N or auto (default)"
     )
+    _add_serve(sub)
+    _add_adapters(sub)
     return parser
+
+
+def _add_serve(sub) -> None:
+    from loraplex.serve_settings import ServeSettings
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the OpenAI-compatible server (no MODEL: the demo, with a demo tenant)",
+        description="Serve MODEL and its tenants' adapters over an OpenAI-compatible API. "
+        "Every option is also the environment variable LORAPLEX_<OPTION> and a key of the "
+        "--config file; precedence: command line > environment > file > defaults. "
+        "The admin key comes from LORAPLEX_ADMIN_KEY (never a flag), or is generated at "
+        "first start, printed once and stored hashed.",
+    )
+    serve.add_argument(
+        "model",
+        nargs="?",
+        type=Path,
+        default=None,
+        help="a Hugging Face checkpoint directory (default: the demo checkpoint)",
+    )
+    for name, field in ServeSettings.model_fields.items():
+        if name in ("model", "admin_key"):
+            continue
+        kind = {int: int, float: float}.get(field.annotation, str)
+        serve.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            default=argparse.SUPPRESS,
+            help=f"{field.description} (default: {field.default}; "
+            f"env LORAPLEX_{name.upper()})",
+        )
+
+
+def _add_adapters(sub) -> None:
+    adapters = sub.add_parser(
+        "adapters",
+        help="check or clean a data directory's adapters",
+        description="verify: hash every stored adapter and mark changed ones corrupt (safe "
+        "while a server runs). gc: the startup sweep on demand (fails stuck uploads, "
+        "removes temp files and orphans; needs the server stopped).",
+    )
+    adapters.add_argument("action", choices=["verify", "gc"], help="verify or gc")
+    adapters.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(".loraplex/data"),
+        help="the server's data directory (default: .loraplex/data)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +158,60 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "demo":
         return _demo(args)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "adapters":
+        return _adapters(args)
     return _generate(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from loraplex.serve_settings import load_settings
+
+    options = {k: v for k, v in vars(args).items() if k != "command"}
+    if options.get("model") is None:
+        options.pop("model", None)  # absent, so the environment or the file may set it
+    try:
+        settings = load_settings(options, dict(os.environ))
+    except (ValidationError, ValueError) as exc:
+        print(f"loraplex serve: {exc}", file=sys.stderr)
+        return 2
+    logging.getLogger("loraplex").setLevel(logging.INFO)
+    from loraplex import serve
+
+    demo = None
+    model = settings.model
+    if model is None:
+        from loraplex.demo import build_demo
+
+        demo = build_demo(_demo_dir(), log=lambda m: print(m, file=sys.stderr))
+        model = demo.model
+    try:
+        server = serve.build_server(settings, model)
+    except Exception as exc:  # noqa: BLE001 - a startup error ends the command with its reason
+        print(f"loraplex serve: {exc}", file=sys.stderr)
+        return 1
+    lines = list(server.banner)
+    if demo is not None:
+        key = serve.bootstrap_demo(server, demo.adapters)
+        lines += serve.usage_banner(server, key, next(iter(demo.adapters)))
+    print("\n".join(lines), flush=True)
+    serve.run(server)
+    return 0
+
+
+def _adapters(args: argparse.Namespace) -> int:
+    from loraplex.adapters_registry import RegistryError, gc, verify
+
+    try:
+        report = verify(args.data_dir) if args.action == "verify" else gc(args.data_dir)
+    except RegistryError as exc:
+        print(f"loraplex adapters {args.action}: {exc}", file=sys.stderr)
+        return 1
+    print(report)
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:

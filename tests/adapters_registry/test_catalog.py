@@ -38,7 +38,8 @@ def test_migrations_use_wal_a_busy_timeout_and_apply_once(tmp_path, catalog):
     assert catalog.query("PRAGMA foreign_keys")[0]["foreign_keys"] == 1
     again = Catalog(tmp_path / "registry.db")  # a second open applies nothing new
     assert [m.name for m in MIGRATIONS.applied(again.db)] == [
-        "m001_tenants_keys_adapters_events"
+        "m001_tenants_keys_adapters_events",
+        "m002_tenant_deletion",
     ]
     assert {"tenants", "api_keys", "adapters", "events"} <= set(again.db.table_names())
     again.close()
@@ -163,3 +164,15 @@ def test_failed_uploads_keep_their_reason_and_a_write_rolls_back_whole(
         db.execute("UPDATE adapters SET state = 'ready' WHERE id = ?", [row.id])
         db.execute("INSERT INTO tenants (id, name, created_at) VALUES ('x', 'acme', 0)")
     assert catalog.get(row.id).state == "failed"
+
+
+def test_a_deleted_tenant_frees_its_name_and_its_keys_stop_working(tenants):
+    acme = tenants.create("acme")
+    key, _ = tenants.create_api_key(acme.id)
+    assert tenants.authenticate(key) == acme
+    tenants.delete(acme.id)
+    assert tenants.authenticate(key) is None
+    with pytest.raises(TenantNotFound):
+        tenants.get(acme.id)
+    assert [t.name for t in tenants.list()] == []
+    assert tenants.create("acme").id != acme.id  # the name is free again

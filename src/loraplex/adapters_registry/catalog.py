@@ -84,7 +84,7 @@ class Catalog:
         now = self.clock()
         with self.write() as db:
             if not db.execute(
-                "SELECT 1 FROM tenants WHERE id = ?", [tenant_id]
+                "SELECT 1 FROM tenants WHERE id = ? AND deleted_at IS NULL", [tenant_id]
             ).fetchone():
                 raise TenantNotFound(f"tenant {tenant_id!r} does not exist")
             (version,) = db.execute(

@@ -86,6 +86,12 @@ def m001_tenants_keys_adapters_events(db: Database) -> None:
     db.execute("CREATE INDEX events_by_adapter ON events(adapter_id)")
 
 
+@MIGRATIONS()
+def m002_tenant_deletion(db: Database) -> None:
+    # A deleted tenant keeps its row (renamed, freeing the name) until its adapters are gone.
+    db.execute("ALTER TABLE tenants ADD COLUMN deleted_at REAL")
+
+
 def connect(path: Path, busy_timeout_s: float = 5.0) -> Database:
     """Open (creating if needed) and migrate the registry database at a server-chosen path."""
     conn = sqlite3.connect(str(path), timeout=busy_timeout_s, check_same_thread=False)

@@ -10,6 +10,7 @@ Opening a registry locks its data directory for this process and runs the startu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Hashable, Sequence
@@ -20,7 +21,7 @@ from loraplex.platform import LoraWeights, ModelSpec
 
 from .artifacts import ADAPTER_FILES, ArtifactStore, UploadLimits, UploadPart
 from .catalog import SERVABLE, Catalog
-from .errors import AdapterCorrupt, AdapterNotReady, RegistryError
+from .errors import AdapterCorrupt, AdapterNotFound, AdapterNotReady, RegistryError
 from .pool import AdapterPool, PoolConfig
 from .records import Adapter
 from .slot_writer import SlotWriter
@@ -136,12 +137,32 @@ class AdapterRegistry:
         """
         return self.catalog.begin_delete(tenant_id, name)
 
+    def delete_tenant(self, tenant_id: str) -> None:
+        """Delete a tenant: keys revoked at once, every adapter deleting (see `collect`).
+
+        :raises TenantNotFound:
+        """
+        self.tenants.delete(tenant_id)
+        self._delete_adapters_of_deleted_tenants()
+
+    def _delete_adapters_of_deleted_tenants(self) -> None:
+        rows = self.catalog.query(
+            "SELECT DISTINCT a.tenant_id, a.name FROM adapters a "
+            "JOIN tenants t ON t.id = a.tenant_id WHERE t.deleted_at IS NOT NULL "
+            "AND a.state IN ('ready', 'failed', 'corrupt')"
+        )
+        for row in rows:
+            with contextlib.suppress(AdapterNotFound):
+                self.catalog.begin_delete(row["tenant_id"], row["name"])
+
     def collect(self, in_use: Callable[[int], bool]) -> list[int]:
         """Remove deleting rows nothing uses any more, and files no row needs.
 
         :param in_use: whether the pool still holds an adapter id (AdapterPool.in_use).
         :returns: the removed adapter ids (evict them from the pool).
         """
+        # Uploads that finished after their tenant was deleted are deleted now.
+        self._delete_adapters_of_deleted_tenants()
         removed = []
         for adapter in self.catalog.list_adapters(states=("deleting",)):
             if in_use(adapter.id):
@@ -154,6 +175,13 @@ class AdapterRegistry:
                 ):
                     self.store.remove(adapter.sha256)
             removed.append(adapter.id)
+        with (
+            self.catalog.write() as db
+        ):  # deleted tenants go with their last adapter row
+            db.execute(
+                "DELETE FROM tenants WHERE deleted_at IS NOT NULL "
+                "AND id NOT IN (SELECT tenant_id FROM adapters)"
+            )
         return removed
 
     def pool_event(self, kind: str, key: Hashable, detail: str) -> None:

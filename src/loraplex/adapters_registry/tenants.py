@@ -27,6 +27,9 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
+_COLUMNS = "id, name, created_at"
+
+
 class Tenants:
     """Create, find and authenticate tenants."""
 
@@ -49,22 +52,49 @@ class Tenants:
 
     def get(self, tenant_id: str) -> Tenant:
         """:raises TenantNotFound:"""
-        rows = self.catalog.query("SELECT * FROM tenants WHERE id = ?", [tenant_id])
+        rows = self.catalog.query(
+            f"SELECT {_COLUMNS} FROM tenants WHERE id = ? AND deleted_at IS NULL",
+            [tenant_id],
+        )
         if not rows:
             raise TenantNotFound(f"tenant {tenant_id!r} does not exist")
         return Tenant(**rows[0])
 
     def by_name(self, name: str) -> Tenant:
         """:raises TenantNotFound:"""
-        rows = self.catalog.query("SELECT * FROM tenants WHERE name = ?", [name])
+        rows = self.catalog.query(
+            f"SELECT {_COLUMNS} FROM tenants WHERE name = ? AND deleted_at IS NULL",
+            [name],
+        )
         if not rows:
             raise TenantNotFound(f"tenant {name!r} does not exist")
         return Tenant(**rows[0])
 
     def list(self) -> list[Tenant]:
         """Every tenant, oldest first."""
-        rows = self.catalog.query("SELECT * FROM tenants ORDER BY created_at, id")
+        rows = self.catalog.query(
+            f"SELECT {_COLUMNS} FROM tenants WHERE deleted_at IS NULL ORDER BY created_at, id"
+        )
         return [Tenant(**r) for r in rows]
+
+    def delete(self, tenant_id: str) -> Tenant:
+        """Mark a tenant deleted: its keys stop working and its name is free again at once.
+
+        The row goes with its last adapter (AdapterRegistry.collect).
+        :raises TenantNotFound:
+        """
+        tenant = self.get(tenant_id)
+        now = self.catalog.clock()
+        with self.catalog.write() as db:
+            db.execute(
+                "UPDATE tenants SET deleted_at = ?, name = ? WHERE id = ?",
+                [now, f"{tenant.name}~deleted~{tenant.id}", tenant.id],
+            )
+            db.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE tenant_id = ? AND revoked_at IS NULL",
+                [now, tenant.id],
+            )
+        return tenant
 
     def create_api_key(self, tenant_id: str, label: str = "") -> tuple[str, ApiKey]:
         """A new key for a tenant: (the key, to show once; its record).

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from . import openai_routes, ops_routes
+from . import adapter_routes, admin_routes, openai_routes, ops_routes
+from .body_limit import BodySizeLimit
 from .errors import install_error_handlers
 from .state import ApiState
 
 
-def create_app(state: ApiState) -> FastAPI:
+def create_app(state: ApiState, max_body_bytes: int = 1 << 30) -> FastAPI:
     """The HTTP API; `state` carries the engine client, the text processor and the registry."""
     app = FastAPI(
         title="loraplex",
@@ -20,4 +21,7 @@ def create_app(state: ApiState) -> FastAPI:
     install_error_handlers(app)
     app.include_router(ops_routes.router)
     app.include_router(openai_routes.router)
+    app.include_router(adapter_routes.router)
+    app.include_router(admin_routes.router)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     return app

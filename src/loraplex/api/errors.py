@@ -15,6 +15,23 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from loraplex.adapters_registry import (
+    AdapterCorrupt,
+    AdapterInvalid,
+    AdapterNotFound,
+    AdapterNotReady,
+    AdapterTooLarge,
+    NameInvalid,
+    PinLimitReached,
+    PoolClosed,
+    PoolExhausted,
+    RegistryBusy,
+    RegistryError,
+    TenantExists,
+    TenantNotFound,
+    UnsupportedFormat,
+)
+
 log = logging.getLogger(__name__)
 
 _TYPES = {
@@ -76,6 +93,36 @@ def error_body(status: int, message: str, param: str | None, code: str | None) -
     }
 
 
+# Most specific first: the first class the error is an instance of decides its status.
+_REGISTRY_STATUS: tuple[tuple[type[RegistryError], int, str], ...] = (
+    (AdapterTooLarge, 413, "adapter_too_large"),
+    (UnsupportedFormat, 415, "unsupported_format"),
+    (AdapterInvalid, 422, "adapter_invalid"),
+    (NameInvalid, 400, "invalid_name"),
+    (AdapterNotFound, 404, "model_not_found"),
+    (TenantNotFound, 404, "tenant_not_found"),
+    (AdapterNotReady, 409, "adapter_not_ready"),
+    (AdapterCorrupt, 409, "adapter_corrupt"),
+    (TenantExists, 409, "tenant_exists"),
+    (PinLimitReached, 409, "pin_limit"),
+    (PoolExhausted, 503, "pool_exhausted"),
+    (RegistryBusy, 503, "registry_busy"),
+    (PoolClosed, 503, "shutting_down"),
+)
+
+
+def registry_error(exc: RegistryError) -> ApiError:
+    """The HTTP form of a registry error."""
+    for cls, status, code in _REGISTRY_STATUS:
+        if isinstance(exc, cls):
+            retry = None
+            if status == 503:
+                retry = max(1, round(getattr(exc, "retry_after_s", 1.0)))
+            param = getattr(exc, "field", None)
+            return ApiError(status, str(exc), code=code, param=param, retry_after=retry)
+    return ApiError(500, "internal registry error; the server logged the details")
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0] if exc.errors() else {}
     location = [str(p) for p in first.get("loc", ()) if p != "body"]
@@ -90,6 +137,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return exc.response()
+
+    @app.exception_handler(RegistryError)
+    async def _registry(request: Request, exc: RegistryError) -> JSONResponse:
+        error = registry_error(exc)
+        if error.status == 500:
+            log.error("registry error on %s: %r", request.url.path, exc)
+        return error.response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -6,7 +6,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from fastapi import Request
 
@@ -79,6 +79,9 @@ class ApiState:
     resolver: AdapterResolver
     authenticator: Authenticator
     metrics: ApiMetrics
+    registry: Any = (
+        None  # RegistryServices; None when serving without a registry (tests)
+    )
     started_at: float = field(default_factory=time.time)
     active_by_tenant: Counter[str] = field(default_factory=Counter)
     draining: bool = False

@@ -1,0 +1,109 @@
+"""The registry as the API sees it: keys → principals, adapter names → pinned engine slots."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from loraplex.adapters_registry import (
+    AdapterNotFound,
+    AdapterPool,
+    AdapterRegistry,
+    NameInvalid,
+)
+
+from .admin_key import AdminKeyStore
+from .state import Principal
+
+
+class RegistryAuthenticator:
+    """The admin key, or a tenant's API key (hashed, compared in constant time)."""
+
+    def __init__(self, registry: AdapterRegistry, admin: AdminKeyStore) -> None:
+        self.registry = registry
+        self.admin = admin
+
+    def authenticate(self, api_key: str) -> Principal | None:
+        if self.admin.matches(api_key):
+            return Principal(None, is_admin=True)
+        tenant = self.registry.tenants.authenticate(api_key)
+        return None if tenant is None else Principal(tenant.id)
+
+
+@dataclass
+class PoolLease:
+    """A pinned slot; `release` unpins it once."""
+
+    pool: AdapterPool
+    adapter_id: int
+    slot: int
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.pool.release(self.adapter_id)
+
+
+class RegistryResolver:
+    """Resolves `model` to the caller's newest ready adapter version and pins it in a slot."""
+
+    def __init__(self, registry: AdapterRegistry, pool: AdapterPool) -> None:
+        self.registry = registry
+        self.pool = pool
+
+    async def acquire(self, principal: Principal, name: str) -> PoolLease | None:
+        """None when the caller has no such adapter (another tenant's reads the same).
+
+        :raises AdapterNotReady: the caller's adapter exists but no version is servable.
+        :raises PoolExhausted: every slot stayed pinned for the pool's wait (retryable).
+        """
+        if principal.tenant_id is None:
+            return None
+        try:
+            adapter = await asyncio.to_thread(
+                self.registry.resolve, principal.tenant_id, name
+            )
+        except (AdapterNotFound, NameInvalid):
+            return None
+        slot = await asyncio.to_thread(self.pool.acquire, adapter.id)
+        lease = PoolLease(self.pool, adapter.id, slot)
+        try:
+            await asyncio.to_thread(self.registry.catalog.touch, adapter.id)
+        except BaseException:
+            lease.release()
+            raise
+        return lease
+
+    def names(self, principal: Principal) -> list[str]:
+        if principal.tenant_id is None:
+            return []
+        ready = self.registry.catalog.list_adapters(principal.tenant_id, ("ready",))
+        return sorted({a.name for a in ready})
+
+    def slot_names(self, slots: Iterable[int]) -> list[str]:
+        by_slot = {e.slot: e.key for e in self.pool.snapshot() if e.slot is not None}
+        names = []
+        for slot in slots:
+            if slot in by_slot:
+                try:
+                    names.append(self.registry.catalog.get(int(by_slot[slot])).name)
+                except AdapterNotFound:
+                    continue
+        return names
+
+
+@dataclass
+class RegistryServices:
+    """The registry and its pool, as the adapter and admin routes use them."""
+
+    registry: AdapterRegistry
+    pool: AdapterPool
+
+    def collect(self) -> list[int]:
+        """Remove deleted adapters nothing uses any more, and drop them from the pool."""
+        removed = self.registry.collect(self.pool.in_use)
+        for adapter_id in removed:
+            self.pool.evict(adapter_id)
+        return removed

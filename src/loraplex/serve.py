@@ -1,0 +1,239 @@
+"""`loraplex serve`: build the engine, the registry, the pool and the API, then run uvicorn.
+
+Part of the composition root: it takes ServeSettings and wires explicit config objects into
+every layer. SIGTERM drains: readiness turns 503, new requests get 503, requests in flight get
+`shutdown_timeout` seconds to finish, the rest are aborted, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from loraplex.adapters_registry import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    AdapterNotFound,
+    AdapterRegistry,
+    EngineThreadSlotWriter,
+    PoolConfig,
+    RegistryConfig,
+    TenantNotFound,
+    UploadLimits,
+    UploadPart,
+)
+from loraplex.api import ApiConfig, ApiState, EngineClient, TextProcessor, create_app
+from loraplex.api.admin_key import AdminKeyStore
+from loraplex.api.metrics import ApiMetrics
+from loraplex.api.registry_bridge import (
+    RegistryAuthenticator,
+    RegistryResolver,
+    RegistryServices,
+)
+from loraplex.platform import Engine, EngineConfig, EngineThread
+
+from .serve_settings import ServeSettings
+
+log = logging.getLogger("loraplex.serve")
+DEMO_TENANT = "demo"
+
+
+@dataclass
+class Server:
+    """Everything `loraplex serve` runs, and how to take it down."""
+
+    settings: ServeSettings
+    state: ApiState
+    app: object
+    services: RegistryServices
+    engine_thread: EngineThread
+    banner: list[str]
+
+    def close(self) -> None:
+        self.engine_thread.stop()
+        self.services.pool.close()
+        self.services.registry.close()
+
+
+def build_server(
+    settings: ServeSettings, model: Path, say: Callable[[str], None] = print
+) -> Server:
+    """Wire every layer from the settings; `model` is a checkpoint directory."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model), local_files_only=True)
+    engine = Engine(
+        EngineConfig(
+            model=str(model),
+            dtype=settings.dtype,
+            device=settings.device,
+            max_num_seqs=settings.max_num_seqs,
+            max_model_len=settings.max_model_len,
+            max_loras=settings.max_loras,
+            max_lora_rank=settings.max_lora_rank,
+        ),
+        tokenizer=tokenizer.backend_tokenizer,
+    )
+    thread = EngineThread(engine).start()
+    registry = AdapterRegistry(
+        RegistryConfig(
+            data_dir=settings.data_dir,
+            max_lora_rank=settings.max_lora_rank,
+            limits=UploadLimits(
+                max_upload_bytes=settings.max_upload_bytes,
+                max_weights_bytes=settings.max_upload_bytes,
+            ),
+        ),
+        engine.spec,
+    )
+    pool = registry.make_pool(
+        PoolConfig(
+            max_loras=settings.max_loras,
+            max_cpu_loras=settings.max_cpu_loras,
+            dtype=engine.dtype,
+            device=str(engine.device),
+        ),
+        EngineThreadSlotWriter(thread),
+    )
+    services = RegistryServices(registry, pool)
+    admin = AdminKeyStore(settings.data_dir)
+    admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
+    generated = admin.ensure(admin_key)
+    name = settings.served_model_name or Path(model).name
+    resolver = RegistryResolver(registry, pool)
+    metrics = ApiMetrics(name)
+    metrics.watch_engine(thread.stats, resolver.slot_names, settings.max_loras)
+    state = ApiState(
+        config=ApiConfig(
+            served_model_name=name,
+            max_model_len=engine.max_model_len,
+            max_num_seqs=settings.max_num_seqs,
+            max_queued_requests=settings.max_queued_requests,
+        ),
+        client=EngineClient(thread),
+        text=TextProcessor(tokenizer),
+        resolver=resolver,
+        authenticator=RegistryAuthenticator(registry, admin),
+        metrics=metrics,
+        registry=services,
+    )
+    # The body cap leaves room for multipart framing around an upload of the largest size.
+    app = create_app(state, max_body_bytes=settings.max_upload_bytes + (1 << 20))
+    banner = []
+    if generated:
+        banner.append(f"admin key (shown once, stored hashed): {generated}")
+    return Server(settings, state, app, services, thread, banner)
+
+
+def bootstrap_demo(server: Server, adapters: dict[str, Path]) -> str:
+    """Create the demo tenant, upload the demo adapters through the tenant ingest path, and
+    issue a fresh demo key (older demo keys are revoked, since a key is shown only once)."""
+    registry = server.services.registry
+    try:
+        tenant = registry.tenants.by_name(DEMO_TENANT)
+    except TenantNotFound:
+        tenant = registry.tenants.create(DEMO_TENANT)
+    for name, directory in adapters.items():
+        try:
+            registry.resolve(tenant.id, name)
+            continue
+        except AdapterNotFound:
+            pass
+        with (
+            (directory / ADAPTER_CONFIG).open("rb") as cfg,
+            (directory / ADAPTER_WEIGHTS).open("rb") as weights,
+        ):
+            registry.ingest(
+                tenant.id,
+                name,
+                [UploadPart(ADAPTER_CONFIG, cfg), UploadPart(ADAPTER_WEIGHTS, weights)],
+            )
+    for key in registry.tenants.api_keys(tenant.id):
+        if key.revoked_at is None and key.label == "demo":
+            registry.tenants.revoke_api_key(key.id)
+    key, _ = registry.tenants.create_api_key(tenant.id, "demo")
+    return key
+
+
+def usage_banner(server: Server, tenant_key: str, adapter: str) -> list[str]:
+    """A curl line and an openai snippet that work as pasted."""
+    s = server.settings
+    base = f"http://{s.host}:{s.port}"
+    body = (
+        f'{{"model": "{adapter}", '
+        '"messages": [{"role": "user", "content": "Who are you?"}]}'
+    )
+    curl = (
+        f"curl {base}/v1/chat/completions -H 'Authorization: Bearer {tenant_key}' "
+        f"-H 'Content-Type: application/json' -d '{body}'"
+    )
+    return [
+        f"demo tenant key: {tenant_key}",
+        "try it with curl:",
+        curl,
+        "or with the openai client (python3 - <<'EOF' ... EOF):",
+        "from openai import OpenAI",
+        f"client = OpenAI(base_url='{base}/v1', api_key='{tenant_key}')",
+        "messages = [{'role': 'user', 'content': 'Who are you?'}]",
+        f"reply = client.chat.completions.create(model='{adapter}', messages=messages)",
+        "print(reply.choices[0].message.content)",
+    ]
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with a drain before shutdown on the first SIGTERM/SIGINT (a second forces)."""
+
+    def __init__(
+        self, config: uvicorn.Config, state: ApiState, timeout_s: float
+    ) -> None:
+        super().__init__(config)
+        self.api = state
+        self.timeout_s = timeout_s
+        self._draining = False
+
+    def handle_exit(self, sig, frame) -> None:
+        if self._draining:
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        self.api.draining = True
+        log.warning("draining: up to %.0f s for requests in flight", self.timeout_s)
+        threading.Thread(target=self._drain, name="loraplex-drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline and self._busy():
+            time.sleep(0.05)
+        if self._busy():
+            log.warning("drain timeout: aborting the requests still running")
+        self.api.client.thread.stop()  # what is left ends with finish_reason "abort"
+        time.sleep(0.2)  # let the aborted streams send their last chunk
+        self.should_exit = True
+
+    def _busy(self) -> bool:
+        return (
+            self.api.client.num_active > 0
+            or sum(self.api.active_by_tenant.values()) > 0
+        )
+
+
+def run(server: Server) -> None:
+    s = server.settings
+    config = uvicorn.Config(
+        server.app,
+        host=s.host,
+        port=s.port,
+        log_level="info",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    try:
+        DrainingServer(config, server.state, s.shutdown_timeout).run()
+    finally:
+        server.close()

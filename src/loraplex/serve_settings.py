@@ -1,0 +1,128 @@
+"""ServeSettings: every `loraplex serve` option, from CLI > LORAPLEX_* env > config file > defaults.
+
+Part of the composition root with cli.py: nothing below it reads flags or environment variables.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
+
+_FILE_SOURCES = {
+    ".toml": TomlConfigSettingsSource,
+    ".yaml": YamlConfigSettingsSource,
+    ".yml": YamlConfigSettingsSource,
+    ".json": JsonConfigSettingsSource,
+}
+
+
+class ServeSettings(BaseSettings):
+    """Options of `loraplex serve`; each is also LORAPLEX_<NAME> and a key of the config file."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAPLEX_", extra="forbid")
+
+    model: Path | None = Field(
+        default=None,
+        description="base model: a Hugging Face checkpoint directory (default: the demo)",
+    )
+    host: str = Field(default="127.0.0.1", description="address to listen on")
+    port: int = Field(default=8000, ge=1, le=65535, description="port to listen on")
+    data_dir: Path = Field(
+        default=Path(".loraplex/data"),
+        description="registry database and adapter files",
+    )
+    served_model_name: str | None = Field(
+        default=None,
+        description="the base model's name in the API (default: the directory name)",
+    )
+    max_loras: int = Field(default=8, ge=1, description="adapter slots on the device")
+    max_cpu_loras: int = Field(
+        default=64, ge=1, description="adapters kept in host memory"
+    )
+    max_lora_rank: int = Field(
+        default=64, ge=1, le=512, description="largest adapter rank accepted"
+    )
+    max_num_seqs: int = Field(
+        default=64, ge=1, description="requests in one batch at most"
+    )
+    max_model_len: int = Field(
+        default=0, ge=0, description="context length (0 = the model's own limit)"
+    )
+    max_upload_bytes: int = Field(
+        default=1 << 30,
+        ge=1024,
+        description="largest adapter upload accepted, in bytes",
+    )
+    max_queued_requests: int = Field(
+        default=256, ge=0, description="requests waiting beyond the batch before 503"
+    )
+    shutdown_timeout: float = Field(
+        default=30.0,
+        ge=0,
+        description="seconds in-flight requests get to finish on SIGTERM",
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="weights and activations"
+    )
+    device: str = Field(default="auto", description="cpu, cuda, cuda:N or auto")
+    admin_key: SecretStr | None = Field(
+        default=None,
+        description="the admin API key (default: generated at first start)",
+    )
+    config: Path | None = Field(
+        default=None, description="a TOML, YAML or JSON file of options"
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # load_settings merges env and file itself, to put them in the documented order.
+        return (init_settings,)
+
+
+def load_settings(
+    cli_options: dict[str, Any], environ: dict[str, str]
+) -> ServeSettings:
+    """CLI options (only those given) > LORAPLEX_* variables > the config file > defaults.
+
+    :raises ValueError: an unknown option in the file, a value out of range, an unreadable file.
+    """
+    config_file = cli_options.get("config") or environ.get("LORAPLEX_CONFIG")
+    from_file: dict[str, Any] = {}
+    if config_file:
+        path = Path(config_file)
+        source_class = _FILE_SOURCES.get(path.suffix.lower())
+        if source_class is None:
+            raise ValueError(
+                f"config file {path} must end in .toml, .yaml, .yml or .json"
+            )
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        from_file = source_class(ServeSettings, path)()
+        unknown = set(from_file) - set(ServeSettings.model_fields)
+        if unknown:
+            raise ValueError(
+                f"config file {path}: unknown option(s) {', '.join(sorted(unknown))}"
+            )
+    env = {
+        name: environ[f"LORAPLEX_{name.upper()}"]
+        for name in ServeSettings.model_fields
+        if f"LORAPLEX_{name.upper()}" in environ
+    }
+    return ServeSettings(**{**from_file, **env, **cli_options})
