@@ -21,21 +21,18 @@ from loraplex.adapters_registry import (
     ADAPTER_WEIGHTS,
     AdapterNotFound,
     AdapterRegistry,
+    AdminKeyStore,
     EngineThreadSlotWriter,
     PoolConfig,
     RegistryConfig,
+    RegistryServices,
     TenantNotFound,
     UploadLimits,
     UploadPart,
 )
 from loraplex.api import ApiConfig, ApiState, EngineClient, TextProcessor, create_app
-from loraplex.api.admin_key import AdminKeyStore
 from loraplex.api.metrics import ApiMetrics
-from loraplex.api.registry_bridge import (
-    RegistryAuthenticator,
-    RegistryResolver,
-    RegistryServices,
-)
+from loraplex.api.registry_bridge import RegistryAuthenticator, RegistryResolver
 from loraplex.platform import Engine, EngineConfig, EngineThread
 
 from .serve_settings import ServeSettings

@@ -12,7 +12,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
-from loraplex.adapters_registry import AdapterNotFound
+from loraplex.adapters_registry import AdapterNotFound, views
 
 from .auth import require_admin
 from .errors import ApiError
@@ -47,37 +47,22 @@ def _services(request: Request):
     return services
 
 
-def _tenant_dict(tenant, keys=None) -> dict:
-    out = {"id": tenant.id, "name": tenant.name, "created_at": tenant.created_at}
-    if keys is not None:
-        out["keys"] = [_key_dict(k) for k in keys]
-    return out
-
-
-def _key_dict(key) -> dict:
-    return {
-        "id": key.id,
-        "tenant_id": key.tenant_id,
-        "prefix": key.prefix,
-        "label": key.label,
-        "created_at": key.created_at,
-        "last_used_at": key.last_used_at,
-        "revoked_at": key.revoked_at,
-    }
-
-
 @router.post("/tenants", status_code=201)
 async def create_tenant(body: NewTenant, request: Request) -> dict:
     """Create a tenant (it has no key yet: issue one)."""
     tenants = _services(request).registry.tenants
-    return _tenant_dict(await asyncio.to_thread(tenants.create, body.name), keys=[])
+    return views.tenant_dict(
+        await asyncio.to_thread(tenants.create, body.name), keys=[]
+    )
 
 
 @router.get("/tenants")
 async def list_tenants(request: Request) -> dict:
     """Every tenant with its keys (records only)."""
     tenants = _services(request).registry.tenants
-    return {"data": [_tenant_dict(t, tenants.api_keys(t.id)) for t in tenants.list()]}
+    return {
+        "data": [views.tenant_dict(t, tenants.api_keys(t.id)) for t in tenants.list()]
+    }
 
 
 @router.delete("/tenants/{tenant_id}", status_code=204)
@@ -94,7 +79,7 @@ async def issue_key(tenant_id: str, body: NewKey, request: Request) -> dict:
     tenants = _services(request).registry.tenants
     tenants.get(tenant_id)  # 404 for an unknown tenant
     key, record = await asyncio.to_thread(tenants.create_api_key, tenant_id, body.label)
-    return {**_key_dict(record), "key": key}
+    return {**views.key_dict(record), "key": key}
 
 
 @router.delete("/keys/{key_id}", status_code=204)
@@ -104,49 +89,6 @@ async def revoke_key(key_id: int, request: Request) -> None:
     if not registry.catalog.query("SELECT id FROM api_keys WHERE id = ?", [key_id]):
         raise ApiError(404, f"key {key_id} not found", code="key_not_found")
     await asyncio.to_thread(registry.tenants.revoke_api_key, key_id)
-
-
-def _residency(services) -> dict[int, dict]:
-    out = {}
-    for entry in services.pool.snapshot():
-        where = "gpu" if entry.on_device else ("host" if entry.host_bytes else "disk")
-        out[int(entry.key)] = {
-            "where": where,
-            "slot": entry.slot,
-            "pinned": entry.admin_pinned,
-        }
-    return out
-
-
-def adapter_rows(
-    services, tenant: str | None, state: str | None, q: str | None
-) -> list[dict]:
-    """Every adapter version, newest first, with where it lives now (shared with the UI)."""
-    residency = _residency(services)
-    rows = []
-    for a in reversed(services.registry.catalog.list_adapters(tenant)):
-        if (state and a.state != state) or (q and q.lower() not in a.name.lower()):
-            continue
-        place = residency.get(a.id, {"where": "disk", "slot": None, "pinned": False})
-        rows.append(
-            {
-                "id": a.id,
-                "tenant_id": a.tenant_id,
-                "name": a.name,
-                "version": a.version,
-                "state": a.state,
-                "rank": a.rank,
-                "alpha": a.alpha,
-                "targets": list(a.targets),
-                "size_bytes": a.size_bytes,
-                "sha256": a.sha256,
-                "created_at": a.created_at,
-                "last_used_at": a.last_used_at,
-                "error": a.error,
-                **place,
-            }
-        )
-    return rows
 
 
 @router.get("/adapters")
@@ -159,7 +101,7 @@ async def list_all_adapters(
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> dict:
     """Adapters of every tenant, filtered server-side and paginated."""
-    rows = adapter_rows(_services(request), tenant, state, q)
+    rows = views.adapter_rows(_services(request), tenant, state, q)
     return {"total": len(rows), "offset": offset, "data": rows[offset : offset + limit]}
 
 
@@ -213,25 +155,7 @@ async def evict_adapter(adapter_id: int, request: Request) -> dict:
 @router.get("/pool")
 async def pool_state(request: Request) -> dict:
     """The device slots and host tier, most recently used last."""
-    services = _services(request)
-    config = services.pool.config
-    entries = [
-        {
-            "id": int(e.key),
-            "slot": e.slot,
-            "on_device": e.on_device,
-            "loading": e.loading,
-            "host_bytes": e.host_bytes,
-            "pins": e.pins,
-            "pinned": e.admin_pinned,
-        }
-        for e in services.pool.snapshot()
-    ]
-    return {
-        "max_loras": config.max_loras,
-        "max_cpu_loras": config.max_cpu_loras,
-        "entries": entries,
-    }
+    return views.pool_view(_services(request))
 
 
 @router.get("/engine")

@@ -10,10 +10,10 @@ from loraplex.adapters_registry import (
     AdapterNotFound,
     AdapterPool,
     AdapterRegistry,
+    AdminKeyStore,
     NameInvalid,
 )
 
-from .admin_key import AdminKeyStore
 from .state import Principal
 
 
@@ -92,18 +92,3 @@ class RegistryResolver:
                 except AdapterNotFound:
                     continue
         return names
-
-
-@dataclass
-class RegistryServices:
-    """The registry and its pool, as the adapter and admin routes use them."""
-
-    registry: AdapterRegistry
-    pool: AdapterPool
-
-    def collect(self) -> list[int]:
-        """Remove deleted adapters nothing uses any more, and drop them from the pool."""
-        removed = self.registry.collect(self.pool.in_use)
-        for adapter_id in removed:
-            self.pool.evict(adapter_id)
-        return removed
