@@ -26,8 +26,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 serve: $(STAMP)
-	$(BIN)/loraplex demo
-	$(BIN)/loraplex generate --demo "Who are you?"
+	$(BIN)/loraplex serve
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(PY_DIRS)

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvicorn
@@ -51,8 +51,22 @@ class Server:
     services: RegistryServices
     engine_thread: EngineThread
     banner: list[str]
+    stop_collector: threading.Event = field(default_factory=threading.Event)
+
+    def start_collector(self, interval_s: float = 10.0) -> None:
+        """Remove superseded and deleted adapter versions once no request uses them."""
+
+        def loop() -> None:
+            while not self.stop_collector.wait(interval_s):
+                try:
+                    self.services.collect()
+                except Exception:  # the next round retries; never take the server down
+                    log.exception("adapter collection failed")
+
+        threading.Thread(target=loop, name="loraplex-collect", daemon=True).start()
 
     def close(self) -> None:
+        self.stop_collector.set()
         self.engine_thread.stop()
         self.services.pool.close()
         self.services.registry.close()
@@ -125,7 +139,9 @@ def build_server(
     banner = []
     if generated:
         banner.append(f"admin key (shown once, stored hashed): {generated}")
-    return Server(settings, state, app, services, thread, banner)
+    server = Server(settings, state, app, services, thread, banner)
+    server.start_collector()
+    return server
 
 
 def bootstrap_demo(server: Server, adapters: dict[str, Path]) -> str:

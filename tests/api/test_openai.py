@@ -196,3 +196,9 @@ def test_probes(server):
     assert httpx.get(f"{server}/livez").json() == {"status": "ok"}
     ready = httpx.get(f"{server}/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+def test_a_chat_longer_than_the_context_gets_a_400_with_the_numbers(acme):
+    long = [{"role": "user", "content": "word " * 400}]
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 256"):
+        acme.chat.completions.create(model="demo-base", messages=long)

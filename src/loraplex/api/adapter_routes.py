@@ -103,12 +103,29 @@ def _latest_per_name(adapters) -> list:
     return [latest[name] for name in sorted(latest)]
 
 
-@router.post("", response_model=AdapterInfo, status_code=201)
+@router.post(
+    "",
+    response_model=AdapterInfo,
+    status_code=201,
+    # Only the fields below: anything else in the form is refused (415).
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "multipart/form-data": {"schema": {"additionalProperties": False}}
+            }
+        }
+    },
+)
 async def upload_adapter(
     request: Request,
     principal: PrincipalDep,
     name: Annotated[
-        str, Form(description="the adapter's name, unique within the tenant")
+        str,
+        Form(
+            min_length=1,
+            max_length=63,
+            description="the adapter's name, unique within the tenant",
+        ),
     ],
     config: Annotated[
         UploadFile | None, File(description="adapter_config.json")
@@ -126,7 +143,16 @@ async def upload_adapter(
     """Upload a PEFT LoRA adapter: `config` + `weights`, or one `archive` holding both."""
     tenant_id = _tenant(principal)
     registry = get_state(request).registry.registry
-    unexpected = sorted(set((await request.form()).keys()) - _FORM_FIELDS)
+    form = await request.form()
+    repeated = sorted(k for k in set(form.keys()) if len(form.getlist(k)) > 1)
+    if repeated:
+        raise ApiError(
+            415,
+            f"form field {repeated[0]!r} was sent twice",
+            param=repeated[0],
+            code="unsupported_format",
+        )
+    unexpected = sorted(set(form.keys()) - _FORM_FIELDS)
     if unexpected:
         raise ApiError(
             415,
@@ -167,6 +193,8 @@ async def upload_adapter(
             )
         ]
     adapter = await asyncio.to_thread(registry.ingest, tenant_id, name, parts)
+    if replace:  # older versions go as soon as no running request uses them
+        await asyncio.to_thread(get_state(request).registry.collect)
     return _info(adapter, _residency(request))
 
 

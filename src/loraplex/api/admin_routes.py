@@ -9,7 +9,7 @@ import asyncio
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, Field
 
 from loraplex.adapters_registry import AdapterNotFound, views
@@ -19,6 +19,8 @@ from .errors import ApiError
 from .schemas import ErrorResponse
 from .state import get_state
 
+# SQLite integers are 64-bit: larger ids cannot exist, and would not fit a query.
+RowId = Annotated[int, Path(ge=1, le=2**63 - 1, description="a row id")]
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 409, 503)}
 router = APIRouter(
     prefix="/admin/api",
@@ -83,7 +85,7 @@ async def issue_key(tenant_id: str, body: NewKey, request: Request) -> dict:
 
 
 @router.delete("/keys/{key_id}", status_code=204)
-async def revoke_key(key_id: int, request: Request) -> None:
+async def revoke_key(key_id: RowId, request: Request) -> None:
     """Revoke a key: it stops working at once."""
     registry = _services(request).registry
     if not registry.catalog.query("SELECT id FROM api_keys WHERE id = ?", [key_id]):
@@ -116,7 +118,7 @@ def _adapter_id(services, adapter_id: int) -> int:
 
 
 @router.post("/adapters/{adapter_id}/pin")
-async def pin_adapter(adapter_id: int, request: Request) -> dict:
+async def pin_adapter(adapter_id: RowId, request: Request) -> dict:
     """Keep the adapter in a device slot until unpinned."""
     services = _services(request)
     slot = await asyncio.to_thread(services.pool.pin, _adapter_id(services, adapter_id))
@@ -124,7 +126,7 @@ async def pin_adapter(adapter_id: int, request: Request) -> dict:
 
 
 @router.post("/adapters/{adapter_id}/unpin")
-async def unpin_adapter(adapter_id: int, request: Request) -> dict:
+async def unpin_adapter(adapter_id: RowId, request: Request) -> dict:
     services = _services(request)
     return {
         "id": adapter_id,
@@ -133,7 +135,7 @@ async def unpin_adapter(adapter_id: int, request: Request) -> dict:
 
 
 @router.post("/adapters/{adapter_id}/prefetch", status_code=202)
-async def prefetch_adapter(adapter_id: int, body: Action, request: Request) -> dict:
+async def prefetch_adapter(adapter_id: RowId, body: Action, request: Request) -> dict:
     """Start loading the adapter into the host tier or a device slot."""
     if body.to not in ("device", "host"):
         raise ApiError(400, "prefetch to 'device' or 'host'", param="to")
@@ -143,7 +145,7 @@ async def prefetch_adapter(adapter_id: int, body: Action, request: Request) -> d
 
 
 @router.post("/adapters/{adapter_id}/evict")
-async def evict_adapter(adapter_id: int, request: Request) -> dict:
+async def evict_adapter(adapter_id: RowId, request: Request) -> dict:
     """Drop the adapter from host and device now (refused while pinned or loading)."""
     services = _services(request)
     evicted = services.pool.evict(_adapter_id(services, adapter_id))
@@ -178,7 +180,9 @@ async def engine_state(request: Request) -> dict:
 @router.get("/events")
 async def events(
     request: Request,
-    adapter: Annotated[int | None, Query(description="only this adapter id")] = None,
+    adapter: Annotated[
+        int | None, Query(ge=1, le=2**63 - 1, description="only this adapter id")
+    ] = None,
     tenant: Annotated[str | None, Query(description="only this tenant id")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict:

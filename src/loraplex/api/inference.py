@@ -36,6 +36,15 @@ def sampling_params(
         if getattr(body, name):
             raise ApiError(400, f"{name} is not supported", param=name)
     top_k = body.top_k if body.top_k and body.top_k > 0 else 0
+    try:
+        return _sampling(body, max_tokens, top_k, seed, stops, logprobs)
+    except (
+        ValueError
+    ) as exc:  # SamplingParams names the field; the schema let it through
+        raise ApiError(400, str(exc)) from None
+
+
+def _sampling(body: SamplingFields, max_tokens, top_k, seed, stops, logprobs):
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -65,7 +74,9 @@ def max_tokens_for(
 ) -> int:
     limit = state.config.max_model_len
     if requested is None:
-        requested = limit - prompt_len
+        # Default to the rest of the context, but at least 1, so that a prompt that fills
+        # the context is answered with the context-length error below.
+        requested = max(limit - prompt_len, 1)
     if prompt_len + requested > limit:
         raise ApiError(
             400,

@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .auth import AdminDep
+from .schemas import ErrorResponse
 from .state import get_state
 
 router = APIRouter(tags=["ops"])
@@ -37,7 +38,11 @@ async def health(request: Request) -> JSONResponse:
     return await readyz(request)
 
 
-@router.get("/metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
+)
 async def metrics(request: Request, _: AdminDep) -> Response:
     """Prometheus text format (admin key): vLLM-compatible series and loraplex's own."""
     registry = get_state(request).metrics.registry

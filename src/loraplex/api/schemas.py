@@ -27,8 +27,9 @@ class SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     user: str | None = Field(default=None, max_length=256)
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    # Penalties are not supported: only 0 (or absent) is accepted.
+    presence_penalty: float | None = Field(default=None, ge=0.0, le=0.0)
+    frequency_penalty: float | None = Field(default=None, ge=0.0, le=0.0)
     ignore_eos: bool = False
 
 
@@ -36,9 +37,10 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0)
-    echo: bool = False
-    best_of: int | None = Field(default=None, ge=1)
-    suffix: str | None = None
+    # Not supported, so the schema admits only their "off" values.
+    echo: Literal[False] = False
+    best_of: Literal[1] | None = None
+    suffix: None = None
 
 
 class TextPart(BaseModel):
