@@ -120,6 +120,7 @@ def build_server(
     resolver = RegistryResolver(registry, pool)
     metrics = ApiMetrics(name)
     metrics.watch_engine(thread.stats, resolver.slot_names, settings.max_loras)
+    metrics.watch_pool(pool)
     state = ApiState(
         config=ApiConfig(
             served_model_name=name,

@@ -339,3 +339,30 @@ def test_64_concurrent_streams_over_4_adapters(server, tenants, demo_assets):
     for model, text in results:
         expected = BASE_REPLY if model == "demo-base" else REPLIES[model[2:]]
         assert text == expected, model
+
+
+def test_pool_and_upload_metrics_and_readiness(server, tenants, demo_assets):
+    url, _ = server
+    acme = auth(tenants, "acme")
+    httpx.post(
+        f"{url}/v1/adapters",
+        data={"name": "m1"},
+        files=files_of(demo_assets, "robot"),
+        headers=acme,
+    )
+    client = openai.OpenAI(
+        base_url=f"{url}/v1", api_key=tenants["acme"]["key"], max_retries=0
+    )
+    client.completions.create(model="m1", prompt="Hi", max_tokens=2)
+    text = httpx.get(f"{url}/metrics", headers=ADMIN).text
+    for series in (
+        'loraplex_adapter_slots{state="used"}',
+        'loraplex_adapter_slots{state="free"}',
+        'loraplex_adapter_loads_total{move="disk_to_host"}',
+        'loraplex_adapter_load_seconds_bucket{le="+Inf",move="disk_to_host"}',
+        'loraplex_uploads_total{result="ready"}',
+        'loraplex_uploads_total{result="409"}',
+    ):
+        assert series in text, series
+    ready = httpx.get(f"{url}/readyz").json()
+    assert ready["checks"] == {"engine": True, "not_draining": True, "registry": True}

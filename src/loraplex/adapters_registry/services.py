@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from .pool import AdapterPool
@@ -21,3 +22,11 @@ class RegistryServices:
         for adapter_id in removed:
             self.pool.evict(adapter_id)
         return removed
+
+    def writable(self) -> bool:
+        """The database answers and the data directory takes writes (readiness)."""
+        try:
+            self.registry.catalog.query("SELECT 1")
+        except Exception:  # noqa: BLE001 - any failure means not ready
+            return False
+        return os.access(self.registry.config.data_dir, os.W_OK)

@@ -12,11 +12,12 @@ from loraplex.adapters_registry import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     AdapterNotFound,
+    RegistryError,
     UploadPart,
 )
 
 from .auth import PrincipalDep, require_principal
-from .errors import ApiError
+from .errors import ApiError, registry_error
 from .schemas import ErrorResponse
 from .state import Principal, get_state
 
@@ -142,6 +143,34 @@ async def upload_adapter(
 ):
     """Upload a PEFT LoRA adapter: `config` + `weights`, or one `archive` holding both."""
     tenant_id = _tenant(principal)
+    state = get_state(request)
+    try:
+        parts = await _checked_parts(
+            request, tenant_id, name, config, weights, archive, replace
+        )
+        adapter = await asyncio.to_thread(
+            state.registry.registry.ingest, tenant_id, name, parts
+        )
+    except (ApiError, RegistryError) as exc:
+        status = exc.status if isinstance(exc, ApiError) else registry_error(exc).status
+        state.metrics.uploads.labels(str(status)).inc()
+        raise
+    state.metrics.uploads.labels("ready").inc()
+    if replace:  # older versions go as soon as no running request uses them
+        await asyncio.to_thread(state.registry.collect)
+    return _info(adapter, _residency(request))
+
+
+async def _checked_parts(
+    request: Request,
+    tenant_id: str,
+    name: str,
+    config: UploadFile | None,
+    weights: UploadFile | None,
+    archive: UploadFile | None,
+    replace: bool,
+) -> list[UploadPart]:
+    """The upload's files, once the form has exactly the fields an upload has."""
     registry = get_state(request).registry.registry
     form = await request.form()
     repeated = sorted(k for k in set(form.keys()) if len(form.getlist(k)) > 1)
@@ -192,10 +221,7 @@ async def upload_adapter(
                 (weights, ADAPTER_WEIGHTS),
             )
         ]
-    adapter = await asyncio.to_thread(registry.ingest, tenant_id, name, parts)
-    if replace:  # older versions go as soon as no running request uses them
-        await asyncio.to_thread(get_state(request).registry.collect)
-    return _info(adapter, _residency(request))
+    return parts
 
 
 @router.get("", response_model=AdapterList)

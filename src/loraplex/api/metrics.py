@@ -12,7 +12,12 @@ import time
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from loraplex.platform import EngineStats, RequestOutput
@@ -89,6 +94,78 @@ class _EngineCollector(Collector):
         yield info
 
 
+class _PoolCollector(Collector):
+    """The adapter pool's slots, hits, loads, evictions and load latency, read at scrape time."""
+
+    def __init__(self, pool) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterable[Metric]:
+        entries = self.pool.snapshot()
+        on_device = [e for e in entries if e.on_device]
+        slots = GaugeMetricFamily(
+            "loraplex_adapter_slots", "Device adapter slots by state.", labels=["state"]
+        )
+        slots.add_metric(["used"], len(on_device))
+        slots.add_metric(["pinned"], sum(1 for e in on_device if e.pins > 0))
+        slots.add_metric(["free"], self.pool.config.max_loras - len(on_device))
+        yield slots
+        host = GaugeMetricFamily(
+            "loraplex_adapter_host_entries", "Adapters held in host memory."
+        )
+        host.add_metric([], sum(1 for e in entries if e.host_bytes))
+        yield host
+        stats = self.pool.metrics.snapshot()
+        for key, name, doc, label in (
+            ("hits", "loraplex_adapter_hits", "Acquires served by a tier.", "tier"),
+            (
+                "misses",
+                "loraplex_adapter_misses",
+                "Acquires a tier could not serve.",
+                "tier",
+            ),
+            (
+                "evictions",
+                "loraplex_adapter_evictions",
+                "Adapters evicted from a tier.",
+                "tier",
+            ),
+            ("loads", "loraplex_adapter_loads", "Adapter moves between tiers.", "move"),
+            (
+                "failures",
+                "loraplex_adapter_load_failures",
+                "Adapter moves that failed.",
+                "move",
+            ),
+            (
+                "bytes_moved",
+                "loraplex_adapter_bytes_moved",
+                "Bytes of adapter moves.",
+                "move",
+            ),
+        ):
+            family = CounterMetricFamily(name, doc, labels=[label])
+            for value_label, value in sorted(stats[key].items()):
+                family.add_metric([value_label], value)
+            yield family
+        exhausted = CounterMetricFamily(
+            "loraplex_adapter_pool_exhausted",
+            "Acquires refused: every slot stayed pinned.",
+        )
+        exhausted.add_metric([], stats["exhausted"])
+        yield exhausted
+        latency = HistogramMetricFamily(
+            "loraplex_adapter_load_seconds",
+            "Time of one adapter move.",
+            labels=["move"],
+        )
+        for move, hist in sorted(stats["latency_seconds"].items()):
+            buckets = [(str(le), count) for le, count in hist["buckets"].items()]
+            buckets.append(("+Inf", hist["count"]))
+            latency.add_metric([move], buckets, sum_value=hist["sum"])
+        yield latency
+
+
 class ApiMetrics:
     """The API's request-level series; `observe` is fed every output of every request."""
 
@@ -147,12 +224,22 @@ class ApiMetrics:
             ["tenant", "kind"],
             registry=self.registry,
         )
+        self.uploads = Counter(
+            "loraplex_uploads",
+            "Adapter uploads by result (ready, or the refusal's status code).",
+            ["result"],
+            registry=self.registry,
+        )
         self.rejections = Counter(
             "loraplex_rejections",
             "Requests refused, by reason.",
             ["reason"],
             registry=self.registry,
         )
+
+    def watch_pool(self, pool) -> None:
+        """Export the adapter pool's state and counters (an AdapterPool)."""
+        self.registry.register(_PoolCollector(pool))
 
     def watch_engine(
         self,

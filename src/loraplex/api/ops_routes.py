@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -27,6 +29,8 @@ async def readyz(request: Request) -> JSONResponse:
         "engine": state.client.thread.alive,
         "not_draining": not state.draining,
     }
+    if state.registry is not None:
+        checks["registry"] = await asyncio.to_thread(state.registry.writable)
     ready = all(checks.values())
     body = {"status": "ready" if ready else "not ready", "checks": checks}
     return JSONResponse(body, status_code=200 if ready else 503)
