@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml Makefile
 				--extra-index-url https://pypi.org/simple; \
 	fi
 	$(PIP) install -e '.[test]'
+	@# The admin UI's browser tests drive Debian's Chromium (Playwright never downloads one).
+	command -v chromium >/dev/null || { S=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		$$S apt-get update -qq && $$S env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 	touch $(STAMP)
 
 serve: $(STAMP)

@@ -30,6 +30,7 @@ from loraplex.adapters_registry import (
     UploadLimits,
     UploadPart,
 )
+from loraplex.admin_ui import AdminUiState, mount_admin_ui
 from loraplex.api import ApiConfig, ApiState, EngineClient, TextProcessor, create_app
 from loraplex.api.metrics import ApiMetrics
 from loraplex.api.registry_bridge import RegistryAuthenticator, RegistryResolver
@@ -137,6 +138,20 @@ def build_server(
     )
     # The body cap leaves room for multipart framing around an upload of the largest size.
     app = create_app(state, max_body_bytes=settings.max_upload_bytes + (1 << 20))
+    # The admin UI is the API's sibling: it gets what it reads from the API layer as values.
+    mount_admin_ui(
+        app,
+        AdminUiState(
+            services=services,
+            engine_thread=thread,
+            metrics_registry=metrics.registry,
+            admin_keys=admin,
+            model_name=name,
+            started_at=state.started_at,
+            is_draining=lambda: state.draining,
+            max_upload_bytes=settings.max_upload_bytes,
+        ),
+    )
     banner = []
     if generated:
         banner.append(f"admin key (shown once, stored hashed): {generated}")
