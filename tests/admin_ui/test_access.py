@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import httpx
 import pytest
 from ui_helpers import ADMIN_KEY, PAGES, sign_in
 
+import loraplex.admin_ui
 from loraplex.admin_ui.security import CSP, SESSION_COOKIE, safe_back
 from loraplex.admin_ui.sessions import SessionStore, SignInThrottle
 
@@ -147,6 +149,19 @@ def test_failed_upload_shows_its_reason_escaped(ui_server, admin, demo_assets):
     page = client.get("/admin/adapters", params={"tenant": tenant, "state": "failed"})
     assert "&lt;img src=x onerror=alert(1)&gt;" in page.text
     assert "<img src=x" not in page.text
+
+
+def test_templates_need_no_unsafe_csp(ui_server):
+    """No inline script, event handler or style attribute: the CSP can stay strict."""
+    templates = Path(loraplex.admin_ui.__file__).parent / "templates"
+    for template in templates.glob("*.html"):
+        text = template.read_text()
+        assert not re.search(r"<script(?![^>]*\bsrc=)", text), template.name
+        assert not re.search(r"\son[a-z]+=", text), template.name
+        assert not re.search(r"\sstyle=", text), template.name
+    static = httpx.get(f"{ui_server[0]}/admin/static/app.js")
+    assert static.status_code == 200 and static.headers["content-security-policy"]
+    assert static.headers["x-content-type-options"] == "nosniff"
 
 
 def test_redirect_targets_stay_inside_the_ui():

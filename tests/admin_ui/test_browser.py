@@ -73,8 +73,8 @@ def upload(page, tenant: str, name: str, config, weights) -> str:
     """Upload through the form (XHR with a progress bar); returns the result message."""
     page.goto(f"{page.url.split('/admin')[0]}/admin/adapters")
     form = page.locator("#upload")
-    if not page.locator("#upload-card").get_attribute("open") is not None:
-        page.click("#upload-card summary")
+    if page.locator("#upload-card").get_attribute("open") is None:
+        page.click("#upload-card summary")  # the form is folded once adapters exist
     form.locator("select[name=tenant]").select_option(label=tenant)
     form.locator("input[name=name]").fill(name)
     form.locator("input[name=config]").set_input_files(config)
