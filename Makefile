@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BROWSER := $(VENV)/.browser
 PIP := $(BIN)/python -m pip -qq
 # Outside the CI machines (which hold a local CPU wheel), the CPU build comes from PyTorch's index.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
@@ -23,10 +24,14 @@ $(STAMP): pyproject.toml Makefile
 				--extra-index-url https://pypi.org/simple; \
 	fi
 	$(PIP) install -e '.[test]'
-	@# The admin UI's browser tests drive Debian's Chromium (Playwright never downloads one).
+	touch $(STAMP)
+
+# The admin UI's browser tests drive Debian's Chromium (Playwright never downloads one); only
+# `make test` needs it, so `make serve` works where apt does not.
+$(BROWSER): $(STAMP)
 	command -v chromium >/dev/null || { S=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
 		$$S apt-get update -qq && $$S env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
-	touch $(STAMP)
+	touch $(BROWSER)
 
 serve: $(STAMP)
 	$(BIN)/loraplex serve
@@ -36,7 +41,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check $(PY_DIRS)
 	$(BIN)/lint-imports
 
-test: lint
+test: lint $(BROWSER)
 	$(BIN)/python -m pytest
 
 format: $(STAMP)

@@ -50,3 +50,30 @@ def test_every_metric_is_in_api_md():
     assert len(names) >= 10
     missing = [n for n in names if n not in api_md]
     assert not missing, f"undocumented metrics: {missing}"
+
+
+def _sections(text: str) -> dict[str, str]:
+    """`### `loraplex.<package>`` heading → the text under it."""
+    sections = {}
+    for chunk in text.split("\n### ")[1:]:
+        heading, _, body = chunk.partition("\n")
+        sections[heading.strip().strip("`").split("`")[0]] = body.split("\n## ")[0]
+    return sections
+
+
+def test_every_module_has_its_sentence_in_architecture_md():
+    sections = _sections((DOCS / "architecture.md").read_text())
+    src = Path(__file__).resolve().parents[1] / "src" / "loraplex"
+    missing = []
+    for path in sorted(src.rglob("*.py")):
+        relative = path.relative_to(src)
+        if path.name == "__init__.py" and len(relative.parts) > 1:
+            continue  # a package's __init__ only re-exports; the package has its heading
+        if len(relative.parts) > 1:
+            section = sections.get(f"loraplex.{relative.parts[0]}", "")
+            inner = "/".join(relative.parts[1:])  # e.g. `sgmv/shrink.py`
+        else:
+            section, inner = sections.get("loraplex", ""), relative.name
+        if f"- `{inner}`" not in section:
+            missing.append(str(relative))
+    assert not missing, f"modules without a sentence in docs/architecture.md: {missing}"

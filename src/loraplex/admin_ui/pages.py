@@ -42,6 +42,8 @@ def overview(state: AdminUiState, history: History) -> dict:
         status = "engine down"
     elif draining:
         status = "draining"
+    elif not state.services.writable():  # the same checks as /readyz
+        status = "registry unavailable"
     pool_metrics = state.services.pool.metrics.snapshot()
     return {
         "model": state.model_name,
