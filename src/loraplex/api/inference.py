@@ -12,7 +12,7 @@ from loraplex.platform import EngineDeadError, InvalidRequestError, SamplingPara
 
 from .engine_client import RequestStream, Submission
 from .errors import ApiError
-from .generation import ChoiceResult, merge
+from .generation import ChoiceResult, merge, run_until_disconnect
 from .schemas import SamplingFields
 from .state import ApiState, Principal
 
@@ -166,6 +166,17 @@ async def collect(streams: list[RequestStream], results: list[ChoiceResult], tim
     async for i, out in merge(streams):
         timers[i].observe(out)
         results[i].add(out)
+
+
+async def collect_until_done(request, streams, results, timers, release) -> None:
+    """Gather every output of a non-streaming call, or stop when the client leaves; then
+    abort what still runs and unpin the slot."""
+    try:
+        await run_until_disconnect(request.receive, collect(streams, results, timers))
+    finally:
+        for stream in streams:
+            stream.close()
+        release()
 
 
 def fan_out(body: SamplingFields, prompts: list[list[int]]):

@@ -10,11 +10,11 @@ from fastapi import APIRouter, Depends, Request
 
 from .auth import PrincipalDep, require_principal
 from .errors import ApiError
-from .generation import ChoiceResult, merge, run_until_disconnect
+from .generation import ChoiceResult, merge
 from .inference import (
     admitted,
     check_n,
-    collect,
+    collect_until_done,
     fan_out,
     max_tokens_for,
     sampling_params,
@@ -172,14 +172,7 @@ async def create_completion(
                 yield sse("[DONE]")
 
             return streaming_response(events(), streams, release)
-        try:
-            await run_until_disconnect(
-                request.receive, collect(streams, results, timers)
-            )
-        finally:
-            for s in streams:
-                s.close()
-            release()
+        await collect_until_done(request, streams, results, timers, release)
     choices = [
         CompletionChoice(
             **choice(r, r.text, r.token_ids, r.logprobs, 0, r.finish_reason)
@@ -283,14 +276,7 @@ async def create_chat_completion(
                 yield sse("[DONE]")
 
             return streaming_response(events(), streams, release)
-        try:
-            await run_until_disconnect(
-                request.receive, collect(streams, results, timers)
-            )
-        finally:
-            for s in streams:
-                s.close()
-            release()
+        await collect_until_done(request, streams, results, timers, release)
     choices = [
         ChatChoice(
             index=r.index,
