@@ -4,28 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sgmv_cases import POPULARITY, token_slots_for
 
 from loraplex.kernels import sgmv
 from loraplex.kernels.sgmv import build_segments
-
-POPULARITY = ("distinct", "uniform", "zipf", "identical", "skewed")
-
-
-def token_slots_for(pattern: str, num_tokens: int, num_slots: int, gen) -> list[int]:
-    """Punica's five adapter-popularity patterns, plus some base-only (-1) tokens."""
-    if pattern == "distinct":
-        slots = [t % num_slots for t in range(num_tokens)]
-    elif pattern == "uniform":
-        slots = torch.randint(0, num_slots, (num_tokens,), generator=gen).tolist()
-    elif pattern == "zipf":
-        weights = 1.0 / torch.arange(1, num_slots + 1, dtype=torch.float64)
-        slots = torch.multinomial(weights, num_tokens, True, generator=gen).tolist()
-    elif pattern == "identical":
-        slots = [num_slots - 1] * num_tokens
-    else:  # skewed: one slot takes almost everything
-        slots = [0 if t % 8 else 1 + t % (num_slots - 1) for t in range(num_tokens)]
-    base_only = torch.rand(num_tokens, generator=gen) < 0.2
-    return [-1 if b else s for s, b in zip(slots, base_only.tolist(), strict=True)]
 
 
 def naive_add_lora(y, x, lora_a, lora_b, ranks, scales, token_slots):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TypeVar
@@ -168,12 +167,3 @@ class EngineThread:
         if self.error is not None:
             return f"the engine stopped after an error: {self.error!r}"
         return "the engine is shut down"
-
-    def wait_idle(self, timeout: float = 10.0) -> bool:
-        """Block until no request is unfinished (tests and draining)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.engine.has_unfinished_requests and self._inbox.empty():
-                return True
-            time.sleep(0.01)
-        return False

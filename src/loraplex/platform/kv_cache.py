@@ -41,15 +41,3 @@ class KVCache:
     @property
     def num_bytes(self) -> int:
         return self.tensor.numel() * self.tensor.element_size()
-
-    @staticmethod
-    def bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
-        element = torch.empty((), dtype=dtype).element_size()
-        return (
-            2
-            * spec.num_layers
-            * block_size
-            * spec.num_kv_heads
-            * spec.head_dim
-            * element
-        )
