@@ -33,6 +33,8 @@ class ForwardInputs:
         torch.Tensor
     )  # [num_sampling] int64, last token of each sampling sequence
     lora: LoraSegments | None  # None when LoRA is off
+    max_query_len: int = 1  # host int: the longest sequence of new tokens in this step
+    max_seq_len: int = 1  # host int: the longest context after this step
 
 
 def prepare_inputs(
@@ -100,4 +102,6 @@ def prepare_inputs(
         query_start_loc=part[5].to(torch.int32),
         seq_lens=tail.to(torch.int32),
         lora=build_segments(token_slots, device) if lora_enabled else None,
+        max_query_len=max(seq.num_new_tokens for seq in batch.sequences),
+        max_seq_len=max(seq_lens),
     )
