@@ -241,6 +241,9 @@ class EngineConfig:
     :param lora_backend: "auto", "torch" or "triton" for the SGMV ops.
     :param load_format: "auto" reads safetensors; "dummy" makes random weights of the right shapes.
     :param seed: seeds requests that carry no seed of their own.
+    :param enforce_eager: no CUDA graphs and no torch.compile (debugging, first-token latency).
+    :param gpu_memory_utilization: the share of the GPU's memory the engine may fill, KV cache
+        included; the KV cache gets what weights, adapter slots and activations leave.
     """
 
     model: str
@@ -256,6 +259,8 @@ class EngineConfig:
     lora_backend: Literal["auto", "torch", "triton"] = "auto"
     load_format: Literal["auto", "dummy"] = "auto"
     seed: int = 0
+    enforce_eager: bool = False
+    gpu_memory_utilization: float = 0.9
 
     def __post_init__(self) -> None:
         checks = {
@@ -266,6 +271,7 @@ class EngineConfig:
             "num_kv_blocks": self.num_kv_blocks >= 0,
             "max_loras": self.max_loras >= 0,
             "max_lora_rank": self.max_lora_rank >= 1,
+            "gpu_memory_utilization": 0 < self.gpu_memory_utilization <= 1,
         }
         for name, ok in checks.items():
             if not ok:

@@ -10,12 +10,11 @@ import torch
 from tokenizers import Tokenizer
 
 from .blocks import BlockManager
-from .config import EngineConfig, ModelSpec, blocks_for
+from .config import EngineConfig, ModelSpec
 from .errors import AdapterShapeError, InvalidRequestError, ModelLoadError
-from .inputs import prepare_inputs
-from .kv_cache import KVCache
 from .lora_slots import LoraSlots, LoraWeights
 from .model import LlamaForCausalLM, init_dummy_weights, load_weights
+from .model_runner import ModelRunner
 from .outputs import OutputProcessor, RequestOutput
 from .request import FinishReason, Request, SamplingParams
 from .sampler import Sampler
@@ -71,17 +70,6 @@ class Engine:
             init_dummy_weights(self.model, config.seed)
         else:
             load_weights(self.model, config.model)
-        num_blocks = config.num_kv_blocks or config.max_num_seqs * blocks_for(
-            self.max_model_len, config.block_size
-        )
-        if num_blocks * config.block_size < self.max_model_len:
-            raise ValueError(
-                f"a KV cache of {num_blocks} blocks x {config.block_size} tokens cannot hold one "
-                f"request of max_model_len {self.max_model_len} tokens"
-            )
-        self.kv_cache = KVCache(
-            self.spec, num_blocks, config.block_size, self.dtype, self.device
-        )
         self.lora_slots: LoraSlots | None = None
         if config.max_loras > 0:
             self.lora_slots = LoraSlots(
@@ -98,6 +86,17 @@ class Engine:
                     linear.lora = layer_slots[group]
                     linear.sgmv_backend = config.lora_backend
         self._loaded_slots: set[int] = set()
+        self.runner = ModelRunner(
+            self.model,
+            self.spec,
+            config,
+            device=self.device,
+            dtype=self.dtype,
+            max_model_len=self.max_model_len,
+            lora_enabled=self.lora_slots is not None,
+        )
+        self.kv_cache = self.runner.kv_cache
+        num_blocks = self.runner.num_kv_blocks
         self.scheduler = Scheduler(
             BlockManager(num_blocks, config.block_size),
             config.max_num_seqs,
@@ -123,10 +122,7 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return self._take_finished([])
-        inputs = prepare_inputs(
-            batch, self.config.block_size, self.device, self.lora_slots is not None
-        )
-        logits = self.model(inputs, self.kv_cache)
+        logits = self.runner.forward(batch)  # a decode graph's replay or an eager pass
         sampling_seqs = batch.sampling_sequences
         sampled = self.sampler.sample(logits, self.sampler.prepare(sampling_seqs))
         host = self.sampler.to_host(sampled, sampling_seqs)

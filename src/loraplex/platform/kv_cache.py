@@ -34,6 +34,12 @@ class KVCache:
         )
         self.tensor = torch.zeros(shape, dtype=dtype, device=device)
 
+    @staticmethod
+    def bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes one block takes over all layers, keys and values."""
+        per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim
+        return per_token * block_size * dtype.itemsize
+
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(key_cache, value_cache) of one layer."""
         return self.tensor[index, 0], self.tensor[index, 1]

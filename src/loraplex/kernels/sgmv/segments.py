@@ -223,15 +223,25 @@ class LoraSegmentBuffers:
         self._device.copy_(self._host, non_blocking=True)
         if self._copied is not None:
             self._copied.record()
+        return self.views(len(token_slots), len(sorted_tokens))
+
+    def views(
+        self, num_tokens: int, num_lora_tokens: int | None = None
+    ) -> LoraSegments:
+        """The buffers as `LoraSegments` of `num_tokens` tokens, whatever they hold now.
+
+        CUDA-graph capture takes these views once; every later `fill` of `num_tokens` tokens
+        changes what a replay reads, never where. `num_lora_tokens` defaults to the upper bound.
+        """
         views, offset = [], 0
         for size in self._sizes:
             views.append(self._device[offset : offset + size])
             offset += size
-        views[0] = views[0][: len(token_slots)]
+        views[0] = views[0][:num_tokens]
         return LoraSegments(
             *views,
             split_counters=self._split_counters,
-            num_lora_tokens=len(sorted_tokens),
+            num_lora_tokens=num_tokens if num_lora_tokens is None else num_lora_tokens,
             num_segments=self.max_slots,
             num_tiles=self.max_tiles,
             tile_tokens=self.tile_tokens,

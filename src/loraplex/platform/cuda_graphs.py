@@ -1,0 +1,198 @@
+"""DecodeGraphs: the decode step captured in CUDA graphs for batch-size buckets, any adapter mix.
+
+A decode step (every sequence computes one new token) is the same sequence of kernel launches
+whatever the tokens, positions, block tables and adapters are, as long as those live at fixed
+addresses and the grids do not depend on them. This module keeps them in static device buffers
+sized for the largest bucket, captures one graph per bucket (batch padded up to it), and per
+step copies the step's host ints into the buffers and replays. Two graphs per bucket when LoRA is
+on: one with the SGMV launches (any mix of adapters, read from `LoraSegmentBuffers`) and one
+without, so that base-only steps pay no LoRA launches.
+
+Padding rows of a bucket are sequences of one token with `seq_len` 0 and KV-cache row -1: the
+attention kernel writes nothing for them and returns zeros; their logits are dropped.
+
+Without CUDA (`capture=False`) the same buffers and padding run eagerly at every step, so the
+CPU tests check exactly what a replay computes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from loraplex.kernels.sgmv import LoraSegmentBuffers
+
+from .batch import ScheduledBatch
+from .inputs import ForwardInputs
+from .kv_cache import KVCache
+
+log = logging.getLogger(__name__)
+
+# Decode tiles of the SGMV kernels: one adapter's decode tokens, at most 16 per program.
+_DECODE_TILE_TOKENS = 16
+
+
+def default_buckets(max_num_seqs: int) -> tuple[int, ...]:
+    """1, 2, 4, 8, then every 8 up to 64 and every 16 beyond, capped by max_num_seqs."""
+    sizes = [1, 2, 4, *range(8, 65, 8), *range(80, max(max_num_seqs, 80) + 16, 16)]
+    capped = sorted({min(s, max_num_seqs) for s in sizes})
+    return tuple(capped)
+
+
+class DecodeGraphs:
+    """Static decode inputs and one replayable forward per (bucket, LoRA on/off)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_cache: KVCache,
+        *,
+        buckets: Sequence[int],
+        max_blocks_per_seq: int,
+        max_model_len: int,
+        max_loras: int,
+        device: torch.device,
+        capture: bool,
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.buckets = tuple(sorted(buckets))
+        self.max_batch = self.buckets[-1]
+        self.max_blocks_per_seq = max_blocks_per_seq
+        self.max_model_len = max_model_len
+        self.device = device
+        self.capture = capture
+        b = self.max_batch
+        pinned = device.type == "cuda"
+        # int64 rows: input_ids, positions, slot_mapping; int32 rows: seq_lens, block tables.
+        self._host64 = torch.zeros(3 * b, dtype=torch.int64, pin_memory=pinned)
+        self._host32 = torch.zeros(
+            b + b * max_blocks_per_seq, dtype=torch.int32, pin_memory=pinned
+        )
+        self._dev64 = torch.zeros_like(self._host64, device=device)
+        self._dev32 = torch.zeros_like(self._host32, device=device)
+        self._arange64 = torch.arange(b + 1, dtype=torch.int64, device=device)
+        self._arange32 = self._arange64.to(torch.int32)
+        self._copied = torch.cuda.Event() if pinned else None
+        self.lora_buffers = (
+            LoraSegmentBuffers.make(b, max_loras, device, _DECODE_TILE_TOKENS)
+            if max_loras > 0
+            else None
+        )
+        self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]]
+        self._graphs = {}
+        self.num_replays = 0
+        if capture:
+            self._capture_all()
+
+    def bucket_for(self, batch: ScheduledBatch) -> int | None:
+        """The bucket a decode-only batch replays in, or None when it must run eagerly."""
+        seqs = batch.sequences
+        if len(seqs) > self.max_batch or any(
+            s.num_new_tokens != 1 or not s.samples for s in seqs
+        ):
+            return None
+        return next(b for b in self.buckets if b >= len(seqs))
+
+    def run(self, batch: ScheduledBatch, bucket: int) -> torch.Tensor:
+        """Logits [num_seqs, vocab] float32 of a decode-only batch, through its bucket's graph."""
+        use_lora = self._fill(batch, bucket)
+        if not self.capture:
+            logits = self.model(self._inputs(bucket, use_lora), self.kv_cache)
+        else:
+            graph, logits = self._graphs[(bucket, use_lora)]
+            graph.replay()
+        self.num_replays += 1
+        return logits[: len(batch.sequences)]
+
+    def _fill(self, batch: ScheduledBatch, bucket: int) -> bool:
+        """Copy the step's ints into the static buffers, padded to `bucket`; True if LoRA runs."""
+        seqs = batch.sequences
+        n, b, width = len(seqs), self.max_batch, self.max_blocks_per_seq
+        block_size = self.kv_cache.block_size
+        input_ids, positions, rows, seq_lens = [], [], [], []
+        tables: list[int] = []
+        token_slots: list[int] = []
+        for seq in seqs:
+            position = seq.start
+            input_ids.extend(seq.token_ids)
+            positions.append(position)
+            rows.append(
+                seq.block_ids[position // block_size] * block_size
+                + position % block_size
+            )
+            seq_lens.append(position + 1)
+            tables.extend(seq.block_ids)
+            tables.extend([0] * (width - len(seq.block_ids)))
+            slot = seq.request.slot
+            token_slots.append(-1 if slot is None else slot)
+        pad = bucket - n
+        host64 = [*input_ids, *[0] * (b - n), *positions, *[0] * (b - n)]
+        host64 += [*rows, *[-1] * (b - n)]
+        host32 = [*seq_lens, *[0] * (b - n), *tables, *[0] * ((b - n) * width)]
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's copy has left the staging buffers
+        self._host64.copy_(torch.tensor(host64, dtype=torch.int64))
+        self._host32.copy_(torch.tensor(host32, dtype=torch.int32))
+        self._dev64.copy_(self._host64, non_blocking=True)
+        self._dev32.copy_(self._host32, non_blocking=True)
+        use_lora = self.lora_buffers is not None and any(s >= 0 for s in token_slots)
+        if use_lora:
+            self.lora_buffers.fill(token_slots + [-1] * pad)
+        if self._copied is not None:
+            self._copied.record()
+        return use_lora
+
+    def _inputs(self, bucket: int, use_lora: bool) -> ForwardInputs:
+        """ForwardInputs of `bucket` rows as views of the static buffers (fixed addresses)."""
+        b, width = self.max_batch, self.max_blocks_per_seq
+        lora = None
+        if use_lora:
+            # Views only: the contents are whatever the last fill wrote, as in a replay.
+            lora = self.lora_buffers.views(bucket)
+        return ForwardInputs(
+            input_ids=self._dev64[:bucket],
+            positions=self._dev64[b : b + bucket],
+            slot_mapping=self._dev64[2 * b : 2 * b + bucket],
+            block_tables=self._dev32[b : b + bucket * width].view(bucket, width),
+            query_start_loc=self._arange32[: bucket + 1],
+            seq_lens=self._dev32[:bucket],
+            logits_indices=self._arange64[:bucket],
+            lora=lora,
+            max_query_len=1,
+            max_seq_len=self.max_model_len,
+        )
+
+    def _capture_all(self) -> None:
+        """Capture every (bucket, LoRA) graph, largest first so smaller ones reuse its memory."""
+        pool = torch.cuda.graph_pool_handle()
+        variants = (True, False) if self.lora_buffers is not None else (False,)
+        for bucket in reversed(self.buckets):
+            for use_lora in variants:
+                # Padding rows everywhere: nothing is written to the KV cache while capturing.
+                self._fill_padding(bucket, use_lora)
+                inputs = self._inputs(bucket, use_lora)
+                for _ in range(2):  # compile Triton kernels and warm allocators first
+                    self.model(inputs, self.kv_cache)
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self.model(inputs, self.kv_cache)
+                self._graphs[(bucket, use_lora)] = (graph, logits)
+        torch.cuda.synchronize(self.device)
+        log.info(
+            "captured %d CUDA graphs for decode batch sizes %s",
+            len(self._graphs),
+            ",".join(map(str, self.buckets)),
+        )
+
+    def _fill_padding(self, bucket: int, use_lora: bool) -> None:
+        self._dev64.zero_()
+        self._dev64[2 * self.max_batch :].fill_(-1)
+        self._dev32.zero_()
+        if use_lora:
+            # Capture with LoRA tiles present (slot 0 for every row) so the launches are recorded;
+            # the replays' fills decide which tiles do work.
+            self.lora_buffers.fill([0] * bucket)
