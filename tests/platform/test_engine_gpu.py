@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 import transformers
@@ -42,6 +44,7 @@ def engine_for(model, dirs, dtype, **options):
         max_loras=3,
         max_lora_rank=16,
         block_size=16,
+        num_kv_blocks=options.pop("num_kv_blocks", 256),
         **options,
     )
     engine = Engine(config)
@@ -67,9 +70,13 @@ def plan(slots, max_tokens):
     }
 
 
-def test_fp32_mixed_batch_on_cuda_matches_peft_token_for_token(setup):
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
+def test_fp32_mixed_batch_on_cuda_matches_peft_token_for_token(setup, enforce_eager):
     model, dirs = setup
-    engine, slots = engine_for(model, dirs, "float32", max_num_batched_tokens=64)
+    engine, slots = engine_for(
+        model, dirs, "float32", max_num_batched_tokens=64, enforce_eager=enforce_eager
+    )
+    assert (engine.runner.decode_graphs is None) == enforce_eager
     assert (
         engine.model.lora_linears()[0]["qkv"].sgmv_backend == "auto"
     )  # Triton on CUDA
@@ -90,16 +97,81 @@ def test_fp32_mixed_batch_on_cuda_matches_peft_token_for_token(setup):
             peft.set_adapter(adapter)
             expected = hf_greedy(peft, prompt, 16)
         assert got[rid] == expected, (rid, adapter)
+    if not enforce_eager:
+        assert engine.runner.decode_graphs.num_replays > 0
 
 
-def test_bf16_on_cuda_agrees_with_fp32(setup):
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
+def test_bf16_on_cuda_agrees_with_fp32(setup, enforce_eager):
     """bf16 runs the same kernels; its greedy tokens mostly follow fp32 (rounding may flip a
     near-tie late in a sequence, so the first tokens are compared)."""
     model, dirs = setup
     runs = []
     for dtype in ("float32", "bfloat16"):
-        engine, slots = engine_for(model, dirs, dtype, max_num_batched_tokens=64)
+        engine, slots = engine_for(
+            model,
+            dirs,
+            dtype,
+            max_num_batched_tokens=64,
+            enforce_eager=enforce_eager,
+        )
         requests = plan(slots, 4)
         runs.append(run_to_completion(engine, {k: v[:3] for k, v in requests.items()}))
     agree = sum(runs[0][rid][0] == runs[1][rid][0] for rid in runs[0])
     assert agree >= len(runs[0]) - 1
+
+
+def test_graphs_give_the_eager_tokens_for_many_requests(setup):
+    """fp32, 40 requests over three adapters and the base: every bucket size up to 40 replays,
+    padded, while prefill chunks of long prompts share steps with decodes."""
+    model, dirs = setup
+    gen = torch.Generator().manual_seed(11)
+    names = [None, *dirs]
+    runs = []
+    for eager in (True, False):
+        engine, slots = engine_for(
+            model,
+            dirs,
+            "float32",
+            max_num_batched_tokens=128,
+            max_num_seqs=40,
+            enforce_eager=eager,
+        )
+        requests = {}
+        for i in range(40):
+            length = int(torch.randint(3, 300, (1,), generator=gen))
+            prompt = torch.randint(0, 256, (length,), generator=gen).tolist()
+            name = names[i % len(names)]
+            requests[f"r{i}"] = (
+                prompt,
+                greedy(24),
+                None if name is None else slots[name],
+            )
+        gen = torch.Generator().manual_seed(11)
+        runs.append(run_to_completion(engine, requests))
+        if not eager:
+            assert engine.runner.decode_graphs.num_replays > 20
+    assert runs[0] == runs[1]
+
+
+def test_memory_plan_fills_the_requested_share_of_the_card(setup):
+    model, _ = setup
+    gc.collect()  # engines of earlier tests must not count as in use
+    torch.cuda.empty_cache()
+    config = EngineConfig(
+        model=str(model),
+        dtype="bfloat16",
+        device="cuda",
+        max_loras=3,
+        max_lora_rank=16,
+        gpu_memory_utilization=0.3,
+    )
+    engine = Engine(config)
+    plan = engine.runner.memory_plan
+    assert plan is not None and plan.num_blocks == engine.kv_cache.num_blocks > 1000
+    free, total = torch.cuda.mem_get_info()
+    used = total - free
+    # The KV cache takes what the plan gave it: the card ends near 30% full, never above.
+    assert used <= 0.3 * total + (1 << 30), plan.describe()
+    assert used >= 0.2 * total, plan.describe()
+    del engine
