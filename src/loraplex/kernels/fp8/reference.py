@@ -44,18 +44,48 @@ def dequantize_reference(quantized: torch.Tensor, scales: torch.Tensor) -> torch
     return quantized.float() * scales
 
 
-def fp8_linear_reference(
-    x: torch.Tensor, weight_q: torch.Tensor, weight_scales: torch.Tensor
+def fp8_gemm_reference(
+    x_q: torch.Tensor,
+    x_scales: torch.Tensor,
+    weight_q: torch.Tensor,
+    weight_scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """y = (q_x · s_x) @ (q_w · s_w)ᵀ with per-token activation scales, in float32.
+    """y = (q_x · s_x) @ (q_w · s_w)ᵀ + b, accumulated in float32, then cast to out_dtype.
+
+    The spec of the FP8 GEMMs (`torch._scaled_mm` with row-wise scales and the Triton kernel).
+
+    :param x_q: [num_tokens, in_features] float8_e4m3fn.
+    :param x_scales: [num_tokens, 1] float32.
+    :param weight_q: [out_features, in_features] float8_e4m3fn.
+    :param weight_scales: [out_features, 1] float32.
+    :param bias: optional [out_features], any float dtype.
+    :return: [num_tokens, out_features] out_dtype.
+    """
+    y = (
+        dequantize_reference(x_q, x_scales)
+        @ dequantize_reference(weight_q, weight_scales).T
+    )
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+def fp8_linear_reference(
+    x: torch.Tensor,
+    weight_q: torch.Tensor,
+    weight_scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """y = (q_x · s_x) @ (q_w · s_w)ᵀ + b with x quantized per token first (the FP8 linear).
 
     :param x: [num_tokens, in_features] float.
     :param weight_q: [out_features, in_features] float8_e4m3fn.
     :param weight_scales: [out_features, 1] float32.
-    :return: [num_tokens, out_features] float32.
+    :param bias: optional [out_features].
+    :return: [num_tokens, out_features] out_dtype (float32 by default).
     """
     x_q, x_scales = quantize_per_token_reference(x)
-    return (
-        dequantize_reference(x_q, x_scales)
-        @ dequantize_reference(weight_q, weight_scales).T
-    )
+    return fp8_gemm_reference(x_q, x_scales, weight_q, weight_scales, bias, out_dtype)

@@ -1,0 +1,168 @@
+"""impl(M, N, K) = TABLE[capability][(N, K)][bucket(M)], else the heuristic `default_choice`.
+
+The one place that decides which FP8 GEMM runs a linear: `torch._scaled_mm` (cuBLASLt, row-wise
+scales) or the Triton kernel of gemm.py, quantizing x in a launch of its own ("triton") or
+inside the GEMM ("triton_fused"), and with which tiles. Decided by host ints only (shapes, dtype,
+device), so a CUDA graph captured for one batch size always replays the same kernels.
+
+Rules before the table: `_scaled_mm` with row-wise scales is used only for bf16 output and N, K
+multiples of 16 (what it takes everywhere); other GEMMs always run in Triton. M above the last
+bucket is prefill: `_scaled_mm`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import triton
+
+from ._launch import num_sms
+from .gemm import GemmConfig
+
+Impl = Literal["scaled_mm", "triton", "triton_fused"]
+IMPLS = ("scaled_mm", "triton", "triton_fused")
+M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class GemmChoice:
+    """What runs one FP8 linear; written `scaled_mm` or `triton 16x64x256/s4/w4/st4`."""
+
+    impl: Impl
+    config: GemmConfig | None = None
+
+    def __str__(self) -> str:
+        return self.impl if self.config is None else f"{self.impl} {self.config}"
+
+    @classmethod
+    def parse(cls, text: str) -> GemmChoice:
+        impl, _, config = text.strip().partition(" ")
+        if impl not in IMPLS or (impl == "scaled_mm") != (not config):
+            raise ValueError(
+                f"dispatch entry {text!r}: 'scaled_mm' or 'triton[_fused] <config>'"
+            )
+        return cls(impl, GemmConfig.parse(config) if config else None)
+
+
+SCALED_MM = GemmChoice("scaled_mm")
+
+# capability → (N, K) → {M bucket: choice}: the Llama-3.1-8B linears (qkv 4096→6144, o
+# 4096→4096, gate_up 4096→28672, down 14336→4096) on Hopper (H100 and H200 share sm_90 and 132
+# SMs). Seeded from `default_choice` (no GPU measurement yet, 2026-11-27); replace with the
+# candidate that `benchmarks/bench_fp8.py --out DIR` writes (DIR/fp8_dispatch_candidate.py) and
+# name that run (card, date, commit) here.
+TABLE: dict[tuple[int, int], dict[tuple[int, int], dict[int, str]]] = {
+    (9, 0): {
+        (6144, 4096): {
+            1: "triton_fused 16x64x256/s4/w4/st4",
+            2: "triton_fused 16x64x256/s4/w4/st4",
+            4: "triton 16x64x256/s4/w4/st4",
+            8: "triton 16x64x256/s4/w4/st4",
+            16: "triton 16x64x256/s4/w4/st4",
+            32: "triton 32x64x256/s4/w4/st4",
+            64: "triton 64x64x128/s4/w4/st4",
+            128: "triton 64x128x128/s4/w4/st4",
+            256: "triton 64x128x128/s2/w4/st4",
+        },
+        (4096, 4096): {
+            1: "triton_fused 16x64x256/s8/w4/st4",
+            2: "triton_fused 16x64x256/s8/w4/st4",
+            4: "triton 16x64x256/s8/w4/st4",
+            8: "triton 16x64x256/s8/w4/st4",
+            16: "triton 16x64x256/s8/w4/st4",
+            32: "triton 32x64x256/s8/w4/st4",
+            64: "triton 64x64x128/s8/w4/st4",
+            128: "triton 64x128x128/s8/w4/st4",
+            256: "triton 64x128x128/s4/w4/st4",
+        },
+        (28672, 4096): {
+            1: "triton_fused 16x64x256/s1/w4/st4",
+            2: "triton_fused 16x64x256/s1/w4/st4",
+            4: "triton 16x64x256/s1/w4/st4",
+            8: "triton 16x64x256/s1/w4/st4",
+            16: "triton 16x64x256/s1/w4/st4",
+            32: "triton 32x64x256/s1/w4/st4",
+            64: "triton 64x64x128/s1/w4/st4",
+            128: "triton 64x128x128/s1/w4/st4",
+            256: "triton 64x128x128/s1/w4/st4",
+        },
+        (4096, 14336): {
+            1: "triton_fused 16x64x256/s8/w4/st4",
+            2: "triton_fused 16x64x256/s8/w4/st4",
+            4: "triton 16x64x256/s8/w4/st4",
+            8: "triton 16x64x256/s8/w4/st4",
+            16: "triton 16x64x256/s8/w4/st4",
+            32: "triton 32x64x256/s8/w4/st4",
+            64: "triton 64x64x128/s8/w4/st4",
+            128: "triton 64x128x128/s8/w4/st4",
+            256: "triton 64x128x128/s4/w4/st4",
+        },
+    },
+}
+
+
+def m_bucket(m: int) -> int | None:
+    """The smallest bucket that holds M tokens; None above the last (prefill)."""
+    return next((b for b in M_BUCKETS if m <= b), None)
+
+
+def default_choice(bucket: int, n: int, k: int, sms: int) -> GemmChoice:
+    """The Triton kernel with tiles from the problem shape, for shapes the table lacks.
+
+    - block_m: the bucket (16 at least: the MMA's narrow side), 64 at most; block_n 64 up to
+      64 tokens, then 128; block_k 256 (256 bytes of each weight row) up to 32 tokens, then 128.
+    - split_k: K is split until the grid covers every SM twice, keeping two K blocks a split.
+    - num_stages: as many as fit 96 KB of shared memory (2 to 4): two programs share an SM.
+    - one or two tokens quantize inside the GEMM (x is a few KB; it saves a launch).
+    """
+    block_m = min(64, max(16, bucket))
+    block_n = 64 if bucket <= 64 else 128
+    block_k = 256 if bucket <= 32 else 128
+    tiles = triton.cdiv(bucket, block_m) * triton.cdiv(n, block_n)
+    k_steps = triton.cdiv(k, block_k)
+    split_k = 1
+    while tiles * split_k < 2 * sms and split_k * 4 <= k_steps:
+        split_k *= 2
+    stage_bytes = (block_m + block_n) * block_k
+    num_stages = max(2, min(4, 98304 // stage_bytes))
+    config = GemmConfig(block_m, block_n, block_k, split_k, 4, num_stages)
+    return GemmChoice("triton_fused" if bucket <= 2 else "triton", config)
+
+
+def scaled_mm_takes(n: int, k: int, out_dtype: torch.dtype) -> bool:
+    """Whether `_scaled_mm` with row-wise scales takes this GEMM on every supported GPU."""
+    return out_dtype == torch.bfloat16 and n % 16 == 0 and k % 16 == 0
+
+
+@functools.lru_cache(maxsize=4096)
+def choose(
+    m: int,
+    n: int,
+    k: int,
+    out_dtype: torch.dtype,
+    device: torch.device,
+    triton_only: bool = False,
+) -> GemmChoice:
+    """What runs y [m, n] = x [m, k] · Wᵀ in out_dtype on `device` (host ints only).
+
+    :param triton_only: never `_scaled_mm` (backend="triton", and Triton's interpreter).
+    """
+    takes_scaled_mm = not triton_only and scaled_mm_takes(n, k, out_dtype)
+    bucket = m_bucket(m)
+    if bucket is None and takes_scaled_mm:
+        return SCALED_MM
+    if bucket is None:  # a long prefill in fp16/fp32 or an odd shape: big tiles
+        return GemmChoice("triton", GemmConfig(64, 128, 128, 1, 4, 3))
+    capability = (
+        torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    )
+    entry = TABLE.get(capability, {}).get((n, k), {}).get(bucket)
+    if entry is None:
+        return default_choice(bucket, n, k, num_sms(device))
+    choice = GemmChoice.parse(entry)
+    if choice.impl == "scaled_mm" and not takes_scaled_mm:
+        return default_choice(bucket, n, k, num_sms(device))
+    return choice
