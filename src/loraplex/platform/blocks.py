@@ -1,35 +1,82 @@
-"""BlockManager: which KV-cache blocks each request owns, as ints. No torch here.
+"""BlockManager: which KV-cache blocks each request owns, and which hold a cached prefix. No torch.
 
-The KV tensors live in kv_cache.py; this module only hands out block ids from a free list and
-keeps a reference count per block, so that prefix sharing can later reuse a block from several
-requests without a change of interface.
+The KV tensors live in kv_cache.py; this module hands out block ids and keeps, per block, a
+reference count and (once the block is full and computed) the chain hash naming its contents
+(see prefix_cache.py). A block is in exactly one of three states:
+
+- referenced: in the table of one or more requests (shared blocks are full, so read-only);
+- cached: no reference, but its hash is indexed, so a request with that prefix can take it back;
+  these wait in an LRU and are evicted (unindexed and reused) only when no empty block is left;
+- empty: no reference and no hash.
+
+A request's table is its cached prefix (if any) followed by blocks it fills itself.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Sequence
 
 from .config import blocks_for
 
 
 class BlockManager:
-    """Free list and reference counts over `num_blocks` blocks of `block_size` tokens."""
+    """Free list, LRU of cached blocks and reference counts over `num_blocks` blocks.
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    :param enable_caching: index full blocks by hash for reuse; off, freed blocks are empty.
+    """
+
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_caching: bool = True
+    ) -> None:
         assert num_blocks > 0 and block_size > 0, "a KV cache needs at least one block"
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        self.enable_caching = enable_caching
+        self._empty: deque[int] = deque(range(num_blocks))
+        self._lru: OrderedDict[int, None] = (
+            OrderedDict()
+        )  # cached, unreferenced; oldest first
         self._ref_counts = [0] * num_blocks
+        self._hashes: list[bytes | None] = [None] * num_blocks
+        self._roots: list[bytes | None] = [None] * num_blocks  # to forget a whole root
+        self._index: dict[bytes, int] = {}  # chain hash → block
         self._tables: dict[str, list[int]] = {}
+        self._num_indexed: dict[str, int] = {}  # leading table blocks already hashed
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks a request could get now: empty ones and cached ones nobody references."""
+        return len(self._empty) + len(self._lru)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks whose contents are indexed by hash (referenced or not)."""
+        return len(self._index)
+
+    @property
+    def num_evictable_blocks(self) -> int:
+        """Cached blocks that no request references (the LRU)."""
+        return len(self._lru)
+
+    def ref_count(self, block: int) -> int:
+        return self._ref_counts[block]
 
     def block_table(self, request_id: str) -> list[int]:
         """The request's blocks in position order (empty if it holds none)."""
         return self._tables.get(request_id, [])
+
+    def find_cached(self, block_hashes: Sequence[bytes], limit: int) -> list[int]:
+        """The blocks of the longest cached run of the first `limit` of `block_hashes`."""
+        if not self.enable_caching:
+            return []
+        found = []
+        for position in range(min(limit, len(block_hashes))):
+            block = self._index.get(block_hashes[position])
+            if block is None:
+                break
+            found.append(block)
+        return found
 
     def blocks_needed(self, request_id: str, num_tokens: int) -> int:
         """New blocks the request needs so that its first `num_tokens` tokens have a home."""
@@ -38,28 +85,113 @@ class BlockManager:
             0,
         )
 
-    def can_allocate(self, request_id: str, num_tokens: int) -> bool:
-        return self.blocks_needed(request_id, num_tokens) <= len(self._free)
+    def can_allocate(
+        self, request_id: str, num_tokens: int, cached: Sequence[int] = ()
+    ) -> bool:
+        """Whether `allocate` would succeed (`cached`: blocks of `find_cached` it would take)."""
+        needed = self.blocks_needed(request_id, num_tokens) - len(cached)
+        # Taking a cached block out of the LRU leaves one block fewer to evict.
+        reclaimed = sum(1 for block in cached if self._ref_counts[block] == 0)
+        return needed <= self.num_free_blocks - reclaimed
 
-    def allocate(self, request_id: str, num_tokens: int) -> list[int]:
+    def allocate(
+        self, request_id: str, num_tokens: int, cached: Sequence[int] = ()
+    ) -> list[int]:
         """Grow the request's table to cover `num_tokens` tokens; returns the whole table.
 
-        :raises MemoryError: not enough free blocks (callers check `can_allocate` first).
+        `cached` (only for a request that holds no blocks yet) starts the table with blocks
+        found by `find_cached`: each gets one more reference, and leaves the LRU.
+        :raises MemoryError: not enough blocks (callers check `can_allocate` first).
         """
-        needed = self.blocks_needed(request_id, num_tokens)
-        if needed > len(self._free):
-            raise MemoryError(f"{needed} KV blocks needed, {len(self._free)} free")
+        if not self.can_allocate(request_id, num_tokens, cached):
+            raise MemoryError(
+                f"{self.blocks_needed(request_id, num_tokens)} KV blocks needed, "
+                f"{self.num_free_blocks} free"
+            )
         table = self._tables.setdefault(request_id, [])
-        for _ in range(needed):
-            block = self._free.popleft()
+        if cached:
+            assert not table, "cached blocks can only start a table"
+            for block in cached:
+                if self._ref_counts[block] == 0:
+                    del self._lru[block]
+                self._ref_counts[block] += 1
+                table.append(block)
+            self._num_indexed[request_id] = len(cached)
+        for _ in range(self.blocks_needed(request_id, num_tokens)):
+            block = self._take_block()
             self._ref_counts[block] = 1
             table.append(block)
         return table
 
+    def _take_block(self) -> int:
+        """An empty block, or else the least recently used cached one, unindexed."""
+        if self._empty:
+            return self._empty.popleft()
+        block, _ = self._lru.popitem(last=False)
+        self._unindex(block)
+        return block
+
+    def _unindex(self, block: int) -> None:
+        digest = self._hashes[block]
+        if digest is not None and self._index.get(digest) == block:
+            del self._index[digest]
+        self._hashes[block] = None
+        self._roots[block] = None
+
+    def cache_blocks(
+        self,
+        request_id: str,
+        root: bytes,
+        block_hashes: Sequence[bytes],
+        num_full: int,
+    ) -> None:
+        """Index the request's first `num_full` blocks (hashes in `block_hashes`), which are
+        full and computed.
+
+        Blocks indexed by an earlier call are skipped; a block whose hash another block already
+        holds (two requests computed the same prefix at once) stays unindexed, a private copy.
+        """
+        if not self.enable_caching:
+            return
+        table = self._tables[request_id]
+        start = self._num_indexed.get(request_id, 0)
+        for position in range(start, num_full):
+            block, digest = table[position], block_hashes[position]
+            if digest not in self._index and self._hashes[block] is None:
+                self._index[digest] = block
+                self._hashes[block] = digest
+                self._roots[block] = root
+        self._num_indexed[request_id] = max(start, num_full)
+
     def free(self, request_id: str) -> None:
-        """Release every block the request holds; blocks nobody references return to the pool."""
+        """Drop the request's references; unreferenced blocks become cached (LRU) or empty.
+
+        The table is released back to front, so that a chain's tail is evicted before its head,
+        which more requests share.
+        """
+        self._num_indexed.pop(request_id, None)
         for block in reversed(self._tables.pop(request_id, [])):
             self._ref_counts[block] -= 1
             assert self._ref_counts[block] >= 0, f"block {block} freed twice"
             if self._ref_counts[block] == 0:
-                self._free.append(block)
+                if self._hashes[block] is not None:
+                    self._lru[block] = None
+                else:
+                    self._empty.append(block)
+
+    def forget(self, root: bytes) -> int:
+        """Unindex every block of one root (a deleted adapter): no request can find them again,
+        and the unreferenced ones are reused before any other cached block. Returns how many.
+
+        A scan of all blocks: for rare events, not for the step loop.
+        """
+        forgotten = 0
+        for block in range(self.num_blocks):
+            if self._roots[block] != root:
+                continue
+            self._unindex(block)
+            forgotten += 1
+            if self._ref_counts[block] == 0:
+                del self._lru[block]
+                self._empty.appendleft(block)
+        return forgotten

@@ -104,6 +104,12 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    # Prefix caching: the chain root (None = never cached), the hashes of the full blocks of
+    # prompt + output known so far (kept across preemptions: the tokens do not change), and the
+    # prompt tokens its first admission found in the cache (OpenAI's `cached_tokens`).
+    cache_root: bytes | None = None
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_cached_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:

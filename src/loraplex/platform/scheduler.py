@@ -10,7 +10,11 @@ prefill in progress takes what the budget leaves, so prefill chunks and decodes 
          its tokens recomputed later) until they fit;
       2. waiting requests, first come first served (preempted ones at the front), while the
          budget, max_num_seqs and free blocks allow, each possibly as a partial (chunked) prefill.
-    update(batch, sampled): advance num_computed_tokens, append sampled tokens, finish requests.
+         With prefix caching, a request first takes the longest cached run of full blocks of its
+         tokens (never all of them: the last token is computed, for its logits) and starts its
+         num_computed_tokens there; cached tokens cost no budget.
+    update(batch, sampled): advance num_computed_tokens, index the blocks that became full and
+      computed (prefill chunks and decodes alike), append sampled tokens, finish requests.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 
 from .batch import ScheduledBatch, ScheduledSequence
 from .blocks import BlockManager
+from .prefix_cache import PrefixCacheStats, block_hash
 from .request import FinishReason, Request, RequestStatus
 
 
@@ -45,6 +50,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.prefix_cache = PrefixCacheStats()
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
@@ -79,23 +85,52 @@ class Scheduler:
             if len(self.running) >= self.max_num_seqs:
                 break
             request = self.waiting[0]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            assert request.num_computed_tokens == 0, "waiting requests hold no KV"
+            cached = self._find_cached(request)
+            start = len(cached) * self.blocks.block_size
+            num_new = min(request.num_tokens - start, budget)
             if not self.blocks.can_allocate(
-                request.request_id, request.num_computed_tokens + num_new
+                request.request_id, start + num_new, cached
             ):
                 break
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = start
+            if request.cache_root is not None and request.num_preemptions == 0:
+                request.num_cached_tokens = start
+                self.prefix_cache.record(request.num_tokens, start)
             self.running.append(request)
-            scheduled.append(self._schedule(request, num_new))
+            scheduled.append(self._schedule(request, num_new, cached))
             budget -= num_new
         return ScheduledBatch(sequences=tuple(scheduled), preempted=tuple(preempted))
 
-    def _schedule(self, request: Request, num_new: int) -> ScheduledSequence:
+    def _schedule(
+        self, request: Request, num_new: int, cached: list[int] | None = None
+    ) -> ScheduledSequence:
         start = request.num_computed_tokens
-        table = self.blocks.allocate(request.request_id, start + num_new)
+        table = self.blocks.allocate(request.request_id, start + num_new, cached or ())
         samples = start + num_new == request.num_tokens
         return ScheduledSequence(request, start, num_new, tuple(table), samples)
+
+    def _find_cached(self, request: Request) -> list[int]:
+        """The cached blocks a waiting request (which holds none) can start from."""
+        if request.cache_root is None or not self.blocks.enable_caching:
+            return []
+        # At least the last token is computed, so that the step yields its logits.
+        usable = (request.num_tokens - 1) // self.blocks.block_size
+        return self.blocks.find_cached(self._block_hashes(request, usable), usable)
+
+    def _block_hashes(self, request: Request, num_blocks: int) -> list[bytes]:
+        """The request's chain hashes, extended to at least `num_blocks` full blocks; each block
+        is hashed once in the request's life."""
+        hashes, size = request.block_hashes, self.blocks.block_size
+        while len(hashes) < num_blocks:
+            i = len(hashes)
+            parent = hashes[-1] if hashes else request.cache_root
+            hashes.append(
+                block_hash(parent, request.token_ids(i * size, (i + 1) * size))
+            )
+        return hashes
 
     def _preempt(self, request: Request) -> None:
         """Free the request's blocks and put it back at the head of the queue to recompute."""
@@ -116,6 +151,12 @@ class Scheduler:
         for seq in batch.sequences:
             request = seq.request
             request.num_computed_tokens = seq.start + seq.num_new_tokens
+            if request.cache_root is not None and self.blocks.enable_caching:
+                full = request.num_computed_tokens // self.blocks.block_size
+                hashes = self._block_hashes(request, full)
+                self.blocks.cache_blocks(
+                    request.request_id, request.cache_root, hashes, full
+                )
             if not seq.samples:
                 continue
             token = sampled_token_ids[sample_index]
