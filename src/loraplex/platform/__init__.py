@@ -7,6 +7,7 @@ from .engine_thread import EngineDeadError, EngineThread
 from .errors import AdapterShapeError, EngineError, InvalidRequestError, ModelLoadError
 from .lora_slots import LoraModuleWeights, LoraWeights
 from .outputs import RequestOutput
+from .prefix_cache import PrefixScope
 from .request import FinishReason, SamplingParams
 from .sampler import TokenLogprobs
 
@@ -25,6 +26,7 @@ __all__ = [
     "LoraWeights",
     "ModelLoadError",
     "ModelSpec",
+    "PrefixScope",
     "RequestOutput",
     "RopeSpec",
     "SamplingParams",

@@ -228,7 +228,8 @@ DType = Literal["auto", "float32", "float16", "bfloat16"]
 class EngineConfig:
     """Everything the engine needs to start, fixed for its lifetime.
 
-    :param model: a Hugging Face checkpoint directory.
+    :param model: a Hugging Face checkpoint directory, or an engine directory written by
+        `loraplex build` (its engine.json then fixes quantization, dtype and the limits).
     :param dtype: activation and weight dtype; "auto" takes the checkpoint's.
     :param device: "cpu", "cuda", "cuda:N" or "auto" (CUDA when present).
     :param max_num_seqs: requests in one batch at most.
@@ -240,7 +241,12 @@ class EngineConfig:
     :param max_lora_rank: the largest adapter rank a slot holds.
     :param lora_backend: "auto", "torch" or "triton" for the SGMV ops.
     :param load_format: "auto" reads safetensors; "dummy" makes random weights of the right shapes.
+    :param quantization: "none", or "fp8": q/k/v, o, gate/up and down weights in e4m3 with
+        per-output-channel scales, activations quantized per token (quantized at load from a
+        checkpoint; an engine directory holds them quantized already).
     :param seed: seeds requests that carry no seed of their own.
+    :param enable_prefix_caching: reuse the KV blocks of a prompt's cached prefix (same engine,
+        adapter content and salt only; see prefix_cache.py).
     :param enforce_eager: no CUDA graphs and no torch.compile (debugging, first-token latency).
     :param gpu_memory_utilization: the share of the GPU's memory the engine may fill, KV cache
         included; the KV cache gets what weights, adapter slots and activations leave.
@@ -258,7 +264,9 @@ class EngineConfig:
     max_lora_rank: int = 64
     lora_backend: Literal["auto", "torch", "triton"] = "auto"
     load_format: Literal["auto", "dummy"] = "auto"
+    quantization: Literal["none", "fp8"] = "none"
     seed: int = 0
+    enable_prefix_caching: bool = True
     enforce_eager: bool = False
     gpu_memory_utilization: float = 0.9
 
@@ -281,6 +289,10 @@ class EngineConfig:
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(
                 f"EngineConfig.dtype {self.dtype!r} is not auto/float32/float16/bfloat16"
+            )
+        if self.quantization not in ("none", "fp8"):
+            raise ValueError(
+                f"EngineConfig.quantization {self.quantization!r} is not none/fp8"
             )
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
@@ -16,6 +18,7 @@ from .lora_slots import LoraSlots, LoraWeights
 from .model import LlamaForCausalLM, init_dummy_weights, load_weights
 from .model_runner import ModelRunner
 from .outputs import OutputProcessor, RequestOutput
+from .prefix_cache import PrefixScope, cache_root, engine_identity
 from .request import FinishReason, Request, SamplingParams
 from .sampler import Sampler
 from .scheduler import Scheduler
@@ -42,6 +45,10 @@ class EngineStats:
         int, ...
     ] = ()  # adapter slots of running requests, one per request
     waiting_slots: tuple[int, ...] = ()
+    prefix_cache_queries: int = 0  # prompt tokens of admitted requests, since start
+    prefix_cache_hits: int = 0  # of those, tokens served from cached KV blocks
+    num_cached_kv_blocks: int = 0  # blocks indexed by prefix hash (referenced or not)
+    num_evictable_kv_blocks: int = 0  # cached blocks no request references (LRU)
 
 
 class Engine:
@@ -98,7 +105,11 @@ class Engine:
         self.kv_cache = self.runner.kv_cache
         num_blocks = self.runner.num_kv_blocks
         self.scheduler = Scheduler(
-            BlockManager(num_blocks, config.block_size),
+            BlockManager(
+                num_blocks,
+                config.block_size,
+                enable_caching=config.enable_prefix_caching,
+            ),
             config.max_num_seqs,
             config.max_num_batched_tokens,
         )
@@ -135,8 +146,12 @@ class Engine:
         prompt_token_ids: list[int],
         sampling: SamplingParams,
         slot: int | None = None,
+        scope: PrefixScope | None = None,
     ) -> None:
         """Queue a request; `slot` is the LoRA slot of its adapter, None for the base model.
+
+        `scope` says with whom it may share cached KV blocks (see prefix_cache.py): the
+        adapter's content digest and a salt. A request with a slot and no digest is not cached.
 
         :raises InvalidRequestError: duplicate id, empty or too long prompt, bad token id or slot.
         """
@@ -173,6 +188,7 @@ class Engine:
             slot=slot,
             eos_token_ids=frozenset(self.spec.eos_token_ids),
             max_model_len=self.max_model_len,
+            cache_root=self._cache_root(slot, scope or PrefixScope()),
         )
         self._requests[request_id] = request
         self.scheduler.add(request)
@@ -215,6 +231,27 @@ class Engine:
                 f"slot {slot} is in use by {len(busy)} unfinished request(s)"
             )
 
+    def _cache_root(self, slot: int | None, scope: PrefixScope) -> bytes | None:
+        if not self.config.enable_prefix_caching:
+            return None
+        if slot is not None and scope.adapter_digest is None:
+            return None  # the slot's weights have no name we could trust
+        adapter = None if slot is None else scope.adapter_digest
+        return cache_root(self._prefix_identity, adapter, scope.salt)
+
+    @cached_property
+    def _prefix_identity(self) -> bytes:
+        model_config = (Path(self.config.model) / "config.json").read_bytes()
+        return engine_identity(self.config, model_config, str(self.dtype))
+
+    def forget_prefix(self, scope: PrefixScope) -> int:
+        """Unindex the cached blocks of an adapter scope (after a delete or a replacement),
+        so that they are reused first; returns how many. Correctness never depends on it."""
+        if not self.config.enable_prefix_caching or scope.adapter_digest is None:
+            return 0
+        root = cache_root(self._prefix_identity, scope.adapter_digest, scope.salt)
+        return self.scheduler.blocks.forget(root)
+
     @property
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished or bool(self._aborted)
@@ -233,6 +270,10 @@ class Engine:
             waiting_slots=tuple(
                 r.slot for r in self.scheduler.waiting if r.slot is not None
             ),
+            prefix_cache_queries=self.scheduler.prefix_cache.queries,
+            prefix_cache_hits=self.scheduler.prefix_cache.hits,
+            num_cached_kv_blocks=blocks.num_cached_blocks,
+            num_evictable_kv_blocks=blocks.num_evictable_blocks,
         )
 
     def _take_finished(self, outputs: list[RequestOutput]) -> list[RequestOutput]:

@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from .engine import Engine, EngineStats
 from .outputs import RequestOutput
+from .prefix_cache import PrefixScope
 from .request import FinishReason, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -78,11 +79,15 @@ class EngineThread:
         sampling: SamplingParams,
         slot: int | None,
         on_output: OutputCallback,
+        scope: PrefixScope | None = None,
     ) -> Future[None]:
-        """Queue a request; its outputs go to `on_output`. The Future fails on invalid input."""
+        """Queue a request; its outputs go to `on_output`. The Future fails on invalid input.
+
+        `scope`: with whom it may share cached KV (Engine.add_request).
+        """
 
         def add(engine: Engine) -> None:
-            engine.add_request(request_id, prompt_token_ids, sampling, slot)
+            engine.add_request(request_id, prompt_token_ids, sampling, slot, scope)
             self._callbacks[request_id] = on_output
 
         return self.call(add)

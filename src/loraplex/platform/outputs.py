@@ -28,6 +28,7 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 class IncrementalDetokenizer:
@@ -129,4 +130,5 @@ class OutputProcessor:
             logprobs=[logprobs] if logprobs is not None else [],
             num_prompt_tokens=len(request.prompt_token_ids),
             num_output_tokens=len(request.output_token_ids),
+            num_cached_tokens=request.num_cached_tokens,
         )
