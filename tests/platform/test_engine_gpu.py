@@ -175,3 +175,42 @@ def test_memory_plan_fills_the_requested_share_of_the_card(setup):
     assert used <= 0.3 * total + (1 << 30), plan.describe()
     assert used >= 0.2 * total, plan.describe()
     del engine
+
+
+def test_compiled_fusions_match_the_eager_functions():
+    from loraplex.platform.model.fusions import EAGER, compiled_fusions
+
+    fused = compiled_fusions()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        for tokens in (1, 7, 64, 300):
+            x = torch.randn(tokens, 512, device="cuda", generator=gen).to(dtype)
+            r = torch.randn(tokens, 512, device="cuda", generator=gen).to(dtype)
+            w = torch.randn(512, device="cuda", generator=gen).to(dtype)
+            torch.testing.assert_close(
+                fused.rms_norm(x, w, 1e-5),
+                EAGER.rms_norm(x, w, 1e-5),
+                rtol=tol,
+                atol=tol,
+            )
+            for got, want in zip(
+                fused.add_rms_norm(x, r, w, 1e-5),
+                EAGER.add_rms_norm(x, r, w, 1e-5),
+                strict=True,
+            ):
+                torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+            gu = torch.randn(tokens, 1024, device="cuda", generator=gen).to(dtype)
+            torch.testing.assert_close(
+                fused.silu_and_mul(gu), EAGER.silu_and_mul(gu), rtol=tol, atol=tol
+            )
+            q = torch.randn(tokens, 8, 64, device="cuda", generator=gen).to(dtype)
+            k = torch.randn(tokens, 2, 64, device="cuda", generator=gen).to(dtype)
+            cos = torch.rand(4096, 64, device="cuda", generator=gen)
+            sin = torch.rand(4096, 64, device="cuda", generator=gen)
+            pos = torch.randint(0, 4096, (tokens,), device="cuda", generator=gen)
+            for got, want in zip(
+                fused.rotary(pos, q, k, cos, sin),
+                EAGER.rotary(pos, q, k, cos, sin),
+                strict=True,
+            ):
+                torch.testing.assert_close(got, want, rtol=tol, atol=tol)

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 
 from .blocks import BlockManager
 from .config import EngineConfig, ModelSpec
+from .engine_dir import open_engine_dir
 from .errors import AdapterShapeError, InvalidRequestError, ModelLoadError
 from .lora_slots import LoraSlots, LoraWeights
 from .model import LlamaForCausalLM, init_dummy_weights, load_weights
@@ -60,9 +61,14 @@ class Engine:
     def __init__(
         self, config: EngineConfig, tokenizer: Tokenizer | None = None
     ) -> None:
+        self.built = open_engine_dir(config.model)  # None for a Hugging Face checkpoint
+        if self.built is not None:
+            config = self.built.resolve(config)  # what the engine directory fixes
         self.config = config
         self.spec = ModelSpec.from_dir(config.model)
         self.device = _resolve_device(config.device)
+        if self.built is not None:
+            self.built.check_device(self.device)
         self.dtype = _resolve_dtype(config.dtype, self.spec, self.device)
         self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
         if self.max_model_len > self.spec.max_position_embeddings:
@@ -71,9 +77,16 @@ class Engine:
                 f"max_position_embeddings {self.spec.max_position_embeddings}"
             )
         self.model = LlamaForCausalLM(
-            self.spec, self.max_model_len, self.dtype, self.device
+            self.spec,
+            self.max_model_len,
+            self.dtype,
+            self.device,
+            quantization=config.quantization,
         )
-        if config.load_format == "dummy":
+        if self.built is not None:  # quantized at build time: copied, not quantized
+            self.built.load_weights(self.model)
+            log.info("%s", self.built.summary())
+        elif config.load_format == "dummy":
             init_dummy_weights(self.model, config.seed)
         else:
             load_weights(self.model, config.model)

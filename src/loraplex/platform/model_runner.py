@@ -4,6 +4,7 @@ It sizes the KV cache (explicitly, from the GPU memory left after a profiling fo
 the CPU enough for max_num_seqs full-length requests), allocates it, captures the decode graphs,
 and at each step either replays a graph (decode-only batches within the largest bucket) or lays
 the batch out with `prepare_inputs` and runs the model eagerly (prefill chunks, mixed steps).
+On a GPU, unless `enforce_eager`, the norms, rotary and activation run through torch.compile.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .cuda_graphs import DecodeGraphs, default_buckets
 from .inputs import prepare_inputs
 from .kv_cache import KVCache
 from .memory_plan import MemoryPlan, plan_kv_blocks
+from .model.fusions import compiled_fusions
 from .request import Request, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,10 @@ class ModelRunner:
         self.max_blocks_per_seq = blocks_for(max_model_len, config.block_size)
         use_graphs = device.type == "cuda" and not config.enforce_eager
         buckets = default_buckets(config.max_num_seqs) if use_graphs else ()
+        if (
+            use_graphs
+        ):  # compiled before the profiling forward, which is their first call
+            model.use_fusions(compiled_fusions())
         self.memory_plan: MemoryPlan | None = None
         num_blocks = config.num_kv_blocks
         if not num_blocks and device.type == "cuda":

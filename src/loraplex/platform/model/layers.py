@@ -13,16 +13,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraplex.kernels import sgmv
+from loraplex.kernels import fp8, sgmv
 
 from ..config import RopeSpec
 from ..lora_slots import LoraGroupSlots
+from .fusions import EAGER, Fusions
 
 
 class LoraLinear(nn.Module):
     """y = x Wᵀ + b, then y[t, slice_i] += scale_i · (x[t] A_iᵀ) B_iᵀ with token t's own adapter.
 
     The weight is the concatenation of `out_sizes` slices (q/k/v or gate/up fused at load time).
+    With `quantization="fp8"` W is e4m3 with one float32 scale per output row (`weight_scale`
+    [out, 1]); x is quantized per token on the fly and the GEMM is the FP8 dispatch table's,
+    while the adapter path runs in the activation dtype on the unquantized x.
     `lora` is attached by the engine when LoRA is enabled; `sgmv_backend` picks the SGMV ops.
     """
 
@@ -33,18 +37,32 @@ class LoraLinear(nn.Module):
         bias: bool,
         dtype: torch.dtype,
         device: torch.device,
+        quantization: str = "none",
     ) -> None:
         super().__init__()
+        if quantization not in ("none", "fp8"):
+            raise ValueError(f"quantization {quantization!r} is not 'none' or 'fp8'")
         self.in_features = in_features
         self.out_sizes = tuple(out_sizes)
         self.slice_offsets = tuple(
             sum(self.out_sizes[:i]) for i in range(len(self.out_sizes) + 1)
         )
         out_features = self.slice_offsets[-1]
+        self.dtype = dtype  # activations, bias, adapters (and W unless quantized)
+        self.quantization = quantization
         self.weight = nn.Parameter(
-            torch.empty(out_features, in_features, dtype=dtype, device=device),
+            torch.empty(
+                out_features,
+                in_features,
+                dtype=fp8.FP8_DTYPE if quantization == "fp8" else dtype,
+                device=device,
+            ),
             requires_grad=False,
         )
+        if quantization == "fp8":
+            scales = torch.ones(out_features, 1, dtype=torch.float32, device=device)
+            self.register_buffer("weight_scale", scales)  # [out, 1] float32
+            fp8.reserve_workspace(device)
         self.bias = (
             nn.Parameter(
                 torch.empty(out_features, dtype=dtype, device=device),
@@ -55,6 +73,7 @@ class LoraLinear(nn.Module):
         )
         self.lora: LoraGroupSlots | None = None
         self.sgmv_backend: sgmv.Backend = "auto"
+        self.fp8_backend: fp8.Backend = "auto"
 
     def load_slice(self, name: str, index: int, tensor: torch.Tensor) -> None:
         """Copy one checkpoint tensor (weight or bias of slice `index`) into the fused parameter."""
@@ -67,12 +86,40 @@ class LoraLinear(nn.Module):
             raise ValueError(
                 f"shape {tuple(tensor.shape)} does not match the expected {expected}"
             )
-        param.data[rows].copy_(tensor)
+        if name == "weight" and self.quantization == "fp8":
+            # Rows are quantized one by one, so a slice quantizes alone, on the device, from
+            # the activation dtype (as a build from the unquantized model does).
+            weight = tensor.to(device=param.device, dtype=self.dtype)
+            param.data[rows], self.weight_scale[rows] = fp8.quantize_weight(weight)
+        else:
+            param.data[rows].copy_(tensor)
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Fill the whole fused weight [out, in] (quantized if this layer is FP8)."""
+        for index in range(len(self.out_sizes)):
+            rows = slice(self.slice_offsets[index], self.slice_offsets[index + 1])
+            self.load_slice("weight", index, weight[rows])
+
+    @torch.no_grad()
+    def quantize_(self) -> None:
+        """Turn this layer's weight into e4m3 with per-row scales, in place (the build step)."""
+        if self.quantization == "fp8":
+            return
+        weight_q, scales = fp8.quantize_weight(self.weight.data)
+        self.weight = nn.Parameter(weight_q, requires_grad=False)
+        self.register_buffer("weight_scale", scales)
+        self.quantization = "fp8"
+        fp8.reserve_workspace(weight_q.device)
 
     def forward(
         self, x: torch.Tensor, segments: sgmv.LoraSegments | None
     ) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        if self.quantization == "fp8":
+            y = fp8.fp8_linear(
+                x, self.weight, self.weight_scale, self.bias, backend=self.fp8_backend
+            )
+        else:
+            y = F.linear(x, self.weight, self.bias)
         if self.lora is not None and segments is not None and segments.has_lora:
             lora = self.lora
             sgmv.lora_linear(
@@ -108,11 +155,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(
             torch.ones(size, dtype=dtype, device=device), requires_grad=False
         )
+        self.fusions: Fusions = EAGER
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """norm(x); with a residual, (norm(x + residual), x + residual) in one fusion."""
+        if residual is None:
+            return self.fusions.rms_norm(x, self.weight, self.eps)
+        return self.fusions.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(rope: RopeSpec, head_dim: int) -> torch.Tensor:
@@ -153,16 +204,10 @@ class RotaryEmbedding(nn.Module):
             "cos_cache", emb.cos().to(device), persistent=False
         )  # [pos, head_dim]
         self.register_buffer("sin_cache", emb.sin().to(device), persistent=False)
+        self.fusions: Fusions = EAGER
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q [T, H, D] and k [T, KVH, D] by their tokens' positions [T]."""
-        cos = self.cos_cache[positions].to(q.dtype)[:, None, :]
-        sin = self.sin_cache[positions].to(q.dtype)[:, None, :]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return self.fusions.rotary(positions, q, k, self.cos_cache, self.sin_cache)

@@ -17,12 +17,18 @@ from ..attention import paged_attention
 from ..config import ModelSpec
 from ..inputs import ForwardInputs
 from ..kv_cache import KVCache
+from .fusions import EAGER, Fusions
 from .layers import ColumnParallelLinear, RMSNorm, RotaryEmbedding, RowParallelLinear
 
 
 class Attention(nn.Module):
     def __init__(
-        self, spec: ModelSpec, layer: int, dtype: torch.dtype, device: torch.device
+        self,
+        spec: ModelSpec,
+        layer: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        quantization: str = "none",
     ):
         super().__init__()
         self.spec = spec
@@ -33,10 +39,15 @@ class Attention(nn.Module):
         self.scale = spec.head_dim**-0.5
         kv = spec.kv_size
         self.qkv_proj = ColumnParallelLinear(
-            spec.hidden_size, (spec.q_size, kv, kv), spec.qkv_bias, dtype, device
+            spec.hidden_size,
+            (spec.q_size, kv, kv),
+            spec.qkv_bias,
+            dtype,
+            device,
+            quantization,
         )
         self.o_proj = RowParallelLinear(
-            spec.q_size, (spec.hidden_size,), spec.o_bias, dtype, device
+            spec.q_size, (spec.hidden_size,), spec.o_bias, dtype, device, quantization
         )
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype, device)
@@ -65,48 +76,72 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        dtype: torch.dtype,
+        device: torch.device,
+        quantization: str = "none",
+    ):
         super().__init__()
         inter = spec.intermediate_size
         self.gate_up_proj = ColumnParallelLinear(
-            spec.hidden_size, (inter, inter), False, dtype, device
+            spec.hidden_size, (inter, inter), False, dtype, device, quantization
         )
         self.down_proj = RowParallelLinear(
-            inter, (spec.hidden_size,), False, dtype, device
+            inter, (spec.hidden_size,), False, dtype, device, quantization
         )
+        self.fusions: Fusions = EAGER
 
     def forward(self, x: torch.Tensor, inputs: ForwardInputs) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x, inputs.lora).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up, inputs.lora)
+        gate_up = self.gate_up_proj(x, inputs.lora)
+        return self.down_proj(self.fusions.silu_and_mul(gate_up), inputs.lora)
 
 
 class DecoderLayer(nn.Module):
     def __init__(
-        self, spec: ModelSpec, layer: int, dtype: torch.dtype, device: torch.device
+        self,
+        spec: ModelSpec,
+        layer: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        quantization: str = "none",
     ):
         super().__init__()
         self.input_layernorm = RMSNorm(
             spec.hidden_size, spec.rms_norm_eps, dtype, device
         )
-        self.self_attn = Attention(spec, layer, dtype, device)
+        self.self_attn = Attention(spec, layer, dtype, device, quantization)
         self.post_attention_layernorm = RMSNorm(
             spec.hidden_size, spec.rms_norm_eps, dtype, device
         )
-        self.mlp = MLP(spec, dtype, device)
+        self.mlp = MLP(spec, dtype, device, quantization)
 
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         inputs: ForwardInputs,
         rotary: RotaryEmbedding,
         kv_cache: KVCache,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), inputs, rotary, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x), inputs)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it); their sum is the layer's
+        output, added inside the next norm so that the add and the norm are one fusion."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, inputs, rotary, kv_cache)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h, inputs), residual
 
 
 class LlamaForCausalLM(nn.Module):
-    """Token ids, positions, KV cache and adapter slots in; logits at the sampling positions out."""
+    """Token ids, positions, KV cache and adapter slots in; logits at the sampling positions out.
+
+    `quantization="fp8"` stores the weights of q/k/v, o, gate/up and down in e4m3 (see
+    LoraLinear); embeddings, norms and the LM head stay in `dtype`.
+    """
 
     def __init__(
         self,
@@ -114,6 +149,7 @@ class LlamaForCausalLM(nn.Module):
         max_positions: int,
         dtype: torch.dtype,
         device: torch.device,
+        quantization: str = "none",
     ):
         super().__init__()
         self.spec = spec
@@ -122,7 +158,8 @@ class LlamaForCausalLM(nn.Module):
         )
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(
-            DecoderLayer(spec, i, dtype, device) for i in range(spec.num_layers)
+            DecoderLayer(spec, i, dtype, device, quantization)
+            for i in range(spec.num_layers)
         )
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
         self.rotary = RotaryEmbedding(spec.rope, spec.head_dim, max_positions, device)
@@ -139,11 +176,18 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, inputs: ForwardInputs, kv_cache: KVCache) -> torch.Tensor:
         """Logits [num_sampling, vocab] float32 at `inputs.logits_indices`."""
-        x = self.embed_tokens(inputs.input_ids)
+        x, residual = self.embed_tokens(inputs.input_ids), None
         for layer in self.layers:
-            x = layer(x, inputs, self.rotary, kv_cache)
-        x = self.norm(x[inputs.logits_indices])
+            x, residual = layer(x, residual, inputs, self.rotary, kv_cache)
+        rows = inputs.logits_indices
+        x, _ = self.norm(x[rows], residual[rows])
         return F.linear(x, self.lm_head_weight).float()
+
+    def use_fusions(self, fusions: Fusions) -> None:
+        """Route every norm, rotary and activation of the model through `fusions`."""
+        for module in self.modules():
+            if hasattr(module, "fusions"):
+                module.fusions = fusions
 
     def lora_linears(self) -> list[dict[str, ColumnParallelLinear | RowParallelLinear]]:
         """Per layer, the LoRA-capable linears by group name (qkv, o, gate_up, down)."""
