@@ -6,6 +6,7 @@ Public ops:
 - `quantize_per_token(x)`: e4m3 activations and [tokens, 1] float32 scales.
 - `fp8_linear(x, weight_q, weight_scales, bias)`: y = (q_x · s_x) @ (q_w · s_w)ᵀ + b in x's dtype.
 - `scaled_mm(...)`: the `torch._scaled_mm` call with row-wise scales, as the dispatch runs it.
+- `reserve_workspace(device)`: the split-K counters, made before CUDA graphs are captured.
 
 `backend="auto"` runs on CUDA what the dispatch table (dispatch.py) picks per (M, N, K) and on
 CPU the torch reference; `"torch"` forces the reference; `"triton"` forces the Triton kernels
@@ -42,6 +43,7 @@ __all__ = [
     "quantize_per_token",
     "quantize_per_token_reference",
     "quantize_weight",
+    "reserve_workspace",
     "scaled_mm",
 ]
 
@@ -81,6 +83,15 @@ def quantize_per_token(
     from . import quant
 
     return quant.quantize_per_token(x)
+
+
+def reserve_workspace(device: torch.device) -> None:
+    """Make the Triton GEMM's split-K counters on a CUDA device now, before any graph capture
+    (the first launch would make them otherwise)."""
+    if device.type == "cuda":
+        from . import gemm
+
+        gemm.split_counters(device)
 
 
 def scaled_mm(

@@ -176,6 +176,8 @@ def split_counters(device: torch.device) -> torch.Tensor:
 
     Made by the first launch on the device, which must not be inside a CUDA graph capture.
     """
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     counters = _counters.get(device)
     if counters is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():

@@ -2,7 +2,8 @@
 
 q/k/v and gate/up are fused at load time: each checkpoint tensor is routed to a slice of a fused
 parameter. Loading is strict: a tensor the model does not know, or one it needs and the
-checkpoint lacks, is an error that names it.
+checkpoint lacks, is an error that names it. A model built with `quantization="fp8"` quantizes
+each q/k/v, o, gate/up and down tensor on the device as it arrives.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
+from tqdm.auto import tqdm
+
+from loraplex.kernels.fp8 import FP8_DTYPE
 
 from ..config import ModelSpec
 from ..errors import ModelLoadError
@@ -135,14 +139,19 @@ def _copy(param: nn.Parameter, tensor: torch.Tensor) -> bool:
     return True
 
 
-def load_weights(model: LlamaForCausalLM, model_dir: str | Path) -> None:
-    """Fill `model` from the checkpoint in `model_dir`.
+def load_weights(
+    model: LlamaForCausalLM, model_dir: str | Path, progress: bool = False
+) -> None:
+    """Fill `model` from the checkpoint in `model_dir` (FP8 layers quantize as they load).
 
+    :param progress: a progress bar on stderr, one step per tensor.
     :raises ModelLoadError: unreadable files, unknown or missing tensors, wrong shapes.
     """
     needed = expected_tensor_names(model.spec)
     seen: set[str] = set()
-    for name, tensor in _read_tensors(checkpoint_files(model_dir)):
+    tensors = _read_tensors(checkpoint_files(model_dir))
+    bar = tqdm(tensors, total=len(needed), desc="loading", disable=not progress)
+    for name, tensor in bar:
         if _IGNORED.search(name):
             continue
         try:
@@ -163,11 +172,18 @@ def load_weights(model: LlamaForCausalLM, model_dir: str | Path) -> None:
 
 
 def init_dummy_weights(model: LlamaForCausalLM, seed: int = 0) -> None:
-    """Random weights of the right shapes (never zeros), for benchmarks: `load_format="dummy"`."""
+    """Random weights of the right shapes (never zeros), for benchmarks: `load_format="dummy"`.
+
+    An FP8 layer draws the same numbers as the unquantized model would, one layer at a time in
+    the activation dtype on the device, and quantizes them (the whole model is never held
+    unquantized).
+    """
     for index, (name, param) in enumerate(model.named_parameters()):
         generator = torch.Generator(device=param.device).manual_seed(seed + index)
-        param.data.normal_(
-            mean=1.0 if name.endswith("norm.weight") else 0.0,
-            std=0.02,
-            generator=generator,
-        )
+        mean = 1.0 if name.endswith("norm.weight") else 0.0
+        if param.dtype == FP8_DTYPE:
+            layer = model.get_submodule(name.rpartition(".")[0])
+            weight = torch.empty(param.shape, dtype=layer.dtype, device=param.device)
+            layer.set_weight(weight.normal_(mean=mean, std=0.02, generator=generator))
+        else:
+            param.data.normal_(mean=mean, std=0.02, generator=generator)
