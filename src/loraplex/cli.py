@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_serve(sub)
     _add_adapters(sub)
+    from loraplex.build_command import add_build_parser
+
+    add_build_parser(sub)
     return parser
 
 
@@ -162,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "adapters":
         return _adapters(args)
+    if args.command == "build":
+        from loraplex.build_command import run_build
+
+        return run_build(args)
     return _generate(args)
 
 

@@ -76,7 +76,8 @@ class Server:
 def build_server(
     settings: ServeSettings, model: Path, say: Callable[[str], None] = print
 ) -> Server:
-    """Wire every layer from the settings; `model` is a checkpoint directory."""
+    """Wire every layer from the settings; `model` is a checkpoint directory or an engine
+    directory of `loraplex build` (whose engine.json supplies the limits not set here)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model), local_files_only=True)
@@ -89,6 +90,7 @@ def build_server(
             max_model_len=settings.max_model_len,
             max_loras=settings.max_loras,
             max_lora_rank=settings.max_lora_rank,
+            quantization=settings.quantization,
         ),
         tokenizer=tokenizer.backend_tokenizer,
     )
@@ -96,7 +98,7 @@ def build_server(
     registry = AdapterRegistry(
         RegistryConfig(
             data_dir=settings.data_dir,
-            max_lora_rank=settings.max_lora_rank,
+            max_lora_rank=engine.config.max_lora_rank,  # an engine directory's, maybe
             limits=UploadLimits(
                 max_upload_bytes=settings.max_upload_bytes,
                 max_weights_bytes=settings.max_upload_bytes,
@@ -126,7 +128,7 @@ def build_server(
         config=ApiConfig(
             served_model_name=name,
             max_model_len=engine.max_model_len,
-            max_num_seqs=settings.max_num_seqs,
+            max_num_seqs=engine.config.max_num_seqs,
             max_queued_requests=settings.max_queued_requests,
         ),
         client=EngineClient(thread),
@@ -152,7 +154,7 @@ def build_server(
             max_upload_bytes=settings.max_upload_bytes,
         ),
     )
-    banner = []
+    banner = [] if engine.built is None else [engine.built.summary()]
     if generated:
         banner.append(f"admin key (shown once, stored hashed): {generated}")
     server = Server(settings, state, app, services, thread, banner)

@@ -74,6 +74,11 @@ class ServeSettings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto", description="weights and activations"
     )
+    quantization: Literal["none", "fp8"] = Field(
+        default="none",
+        description="fp8: quantize the base model's linear layers at load "
+        "(an engine directory of loraplex build is FP8 already)",
+    )
     device: str = Field(default="auto", description="cpu, cuda, cuda:N or auto")
     admin_key: SecretStr | None = Field(
         default=None,
