@@ -108,39 +108,49 @@ class DecodeGraphs:
         return logits[: len(batch.sequences)]
 
     def _fill(self, batch: ScheduledBatch, bucket: int) -> bool:
-        """Copy the step's ints into the static buffers, padded to `bucket`; True if LoRA runs."""
+        """Copy the step's ints into the static buffers, padded to `bucket`; True if LoRA runs.
+
+        Only the block ids each sequence holds are written: the kernels read a row of the block
+        table no further than its sequence's length, so stale ids past it (and whole rows of
+        padding, whose length is 0) are never read.
+        """
         seqs = batch.sequences
         n, b, width = len(seqs), self.max_batch, self.max_blocks_per_seq
         block_size = self.kv_cache.block_size
-        input_ids, positions, rows, seq_lens = [], [], [], []
-        tables: list[int] = []
-        token_slots: list[int] = []
-        for seq in seqs:
-            position = seq.start
-            input_ids.extend(seq.token_ids)
-            positions.append(position)
-            rows.append(
-                seq.block_ids[position // block_size] * block_size
-                + position % block_size
-            )
-            seq_lens.append(position + 1)
-            tables.extend(seq.block_ids)
-            tables.extend([0] * (width - len(seq.block_ids)))
-            slot = seq.request.slot
-            token_slots.append(-1 if slot is None else slot)
-        pad = bucket - n
-        host64 = [*input_ids, *[0] * (b - n), *positions, *[0] * (b - n)]
-        host64 += [*rows, *[-1] * (b - n)]
-        host32 = [*seq_lens, *[0] * (b - n), *tables, *[0] * ((b - n) * width)]
+        positions = [seq.start for seq in seqs]
+        input_ids = [
+            seq.request.token_ids(p, p + 1)[0]
+            for seq, p in zip(seqs, positions, strict=True)
+        ]
+        rows = [
+            seq.block_ids[p // block_size] * block_size + p % block_size
+            for seq, p in zip(seqs, positions, strict=True)
+        ]
+        token_slots = [-1 if s.request.slot is None else s.request.slot for s in seqs]
+        table_ids = [block for seq in seqs for block in seq.block_ids]
+        counts = torch.tensor([len(seq.block_ids) for seq in seqs])
+        pad = b - n
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's copy has left the staging buffers
-        self._host64.copy_(torch.tensor(host64, dtype=torch.int64))
-        self._host32.copy_(torch.tensor(host32, dtype=torch.int32))
+        self._host64.copy_(
+            torch.tensor(
+                [*input_ids, *[0] * pad, *positions, *[0] * pad, *rows, *[-1] * pad],
+                dtype=torch.int64,
+            )
+        )
+        self._host32[:b] = torch.tensor([p + 1 for p in positions] + [0] * pad)
+        tables = self._host32[b:].view(b, width)
+        seq_index = torch.repeat_interleave(torch.arange(n), counts)
+        first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        tables[seq_index, torch.arange(len(table_ids)) - first] = torch.tensor(
+            table_ids, dtype=torch.int32
+        )
+        used32 = b + bucket * width
         self._dev64.copy_(self._host64, non_blocking=True)
-        self._dev32.copy_(self._host32, non_blocking=True)
+        self._dev32[:used32].copy_(self._host32[:used32], non_blocking=True)
         use_lora = self.lora_buffers is not None and any(s >= 0 for s in token_slots)
         if use_lora:
-            self.lora_buffers.fill(token_slots + [-1] * pad)
+            self.lora_buffers.fill(token_slots + [-1] * (bucket - n))
         if self._copied is not None:
             self._copied.record()
         return use_lora
