@@ -91,6 +91,7 @@ def build_server(
             max_loras=settings.max_loras,
             max_lora_rank=settings.max_lora_rank,
             quantization=settings.quantization,
+            enable_prefix_caching=settings.enable_prefix_caching,
         ),
         tokenizer=tokenizer.backend_tokenizer,
     )
@@ -130,6 +131,7 @@ def build_server(
             max_model_len=engine.max_model_len,
             max_num_seqs=engine.config.max_num_seqs,
             max_queued_requests=settings.max_queued_requests,
+            share_base_prefix_across_tenants=settings.share_base_prefix_across_tenants,
         ),
         client=EngineClient(thread),
         text=TextProcessor(tokenizer),

@@ -71,6 +71,16 @@ class ServeSettings(BaseSettings):
         ge=0,
         description="seconds in-flight requests get to finish on SIGTERM",
     )
+    enable_prefix_caching: bool = Field(
+        default=True,
+        description="reuse the KV cache of repeated prompt prefixes "
+        "(per adapter content and tenant)",
+    )
+    share_base_prefix_across_tenants: bool = Field(
+        default=False,
+        description="let tenants share the cached KV of base-model prompts "
+        "(timing can reveal another tenant's prompts)",
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto", description="weights and activations"
     )

@@ -15,9 +15,11 @@ from loraplex.adapters_registry import (
     RegistryError,
     UploadPart,
 )
+from loraplex.platform import PrefixScope
 
 from .auth import PrincipalDep, require_principal
 from .errors import ApiError, registry_error
+from .inference import tenant_salt
 from .schemas import ErrorResponse
 from .state import Principal, get_state
 
@@ -157,8 +159,25 @@ async def upload_adapter(
         raise
     state.metrics.uploads.labels("ready").inc()
     if replace:  # older versions go as soon as no running request uses them
+        await _forget_cached_kv(request, principal, name)
         await asyncio.to_thread(state.registry.collect)
     return _info(adapter, _residency(request))
+
+
+async def _forget_cached_kv(request: Request, principal: Principal, name: str) -> None:
+    """Drop the cached KV of a name's superseded or deleted versions (before their rows
+    go), so that it is reused first. Only an optimisation: a new version has a new digest,
+    hence blocks of its own, and no request can reach the old ones."""
+    state = get_state(request)
+    tenant_id = _tenant(principal)
+    versions = await asyncio.to_thread(
+        state.registry.registry.catalog.list_adapters, tenant_id
+    )
+    live = {a.sha256 for a in versions if a.state == "ready"}
+    stale = {a.sha256 for a in versions if a.name == name and a.sha256} - live
+    for digest in stale:
+        scope = PrefixScope(digest, tenant_salt(principal))
+        state.client.thread.call(lambda engine, s=scope: engine.forget_prefix(s))
 
 
 async def _checked_parts(
@@ -250,4 +269,5 @@ async def delete_adapter(name: str, request: Request, principal: PrincipalDep):
     """Delete every version; files go once no running request uses them."""
     bridge = get_state(request).registry
     await asyncio.to_thread(bridge.registry.delete, _tenant(principal), name)
+    await _forget_cached_kv(request, principal, name)
     await asyncio.to_thread(bridge.collect)

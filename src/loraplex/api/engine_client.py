@@ -11,7 +11,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from loraplex.platform import EngineThread, RequestOutput, SamplingParams
+from loraplex.platform import EngineThread, PrefixScope, RequestOutput, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,7 @@ class Submission:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     slot: int | None
+    scope: PrefixScope | None = None  # who may share its cached KV
 
 
 class RequestStream:
@@ -88,6 +89,7 @@ class EngineClient:
                     sub.sampling,
                     sub.slot,
                     on_output,
+                    sub.scope,
                 )
             )
         results = await asyncio.gather(

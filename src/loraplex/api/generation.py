@@ -24,8 +24,10 @@ class ChoiceResult:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
     def add(self, out: RequestOutput) -> None:
+        self.num_cached_tokens = out.num_cached_tokens
         self.text += out.text_delta
         self.token_ids.extend(out.new_token_ids)
         self.logprobs.extend(out.logprobs)

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
-from loraplex.platform import EngineDeadError, InvalidRequestError, SamplingParams
+from loraplex.platform import (
+    EngineDeadError,
+    InvalidRequestError,
+    PrefixScope,
+    SamplingParams,
+)
 
 from .engine_client import RequestStream, Submission
 from .errors import ApiError
@@ -89,9 +95,37 @@ def max_tokens_for(
     return requested
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where an admitted call runs: its adapter slot (None = base model) and with whom its
+    requests may share cached KV."""
+
+    slot: int | None
+    scope: PrefixScope
+
+
+def tenant_salt(principal: Principal) -> str:
+    """The prefix-cache salt of a caller: its tenant (or the admin)."""
+    return "admin" if principal.is_admin else f"tenant:{principal.tenant_id}"
+
+
+def prefix_scope(state: ApiState, principal: Principal, lease) -> PrefixScope:
+    """The tenant salts every scope; the adapter's content digest names its KV. Base-only
+    prefixes drop the salt only when the operator lets tenants share them (timing leaks)."""
+    salt = tenant_salt(principal)
+    if lease is None:
+        shared = state.config.share_base_prefix_across_tenants
+        return PrefixScope(None, None if shared else salt)
+    # A lease without a digest (a resolver that does not know content) is never cached.
+    return PrefixScope(getattr(lease, "digest", None), salt)
+
+
 @asynccontextmanager
 async def admitted(state: ApiState, principal: Principal, model: str):
-    """Admission: queue bound, per-tenant concurrency, then the adapter's slot (pinned)."""
+    """Admission: queue bound, per-tenant concurrency, then the adapter's slot (pinned).
+
+    Yields the call's Placement and its release function.
+    """
     tenant = principal.label
     config = state.config
     rejection = None
@@ -141,17 +175,28 @@ async def admitted(state: ApiState, principal: Principal, model: str):
             state.active_by_tenant[tenant] -= 1
 
     try:
-        yield (lease.slot if lease is not None else None), release
+        slot = lease.slot if lease is not None else None
+        yield Placement(slot, prefix_scope(state, principal, lease)), release
     except BaseException:
         release()
         raise
 
 
 async def submit(
-    state: ApiState, prefix: str, prompts, params: list[SamplingParams], slot
+    state: ApiState,
+    prefix: str,
+    prompts,
+    params: list[SamplingParams],
+    placement: Placement,
 ):
     submissions = [
-        Submission(state.client.new_request_id(prefix), prompt, p, slot)
+        Submission(
+            state.client.new_request_id(prefix),
+            prompt,
+            p,
+            placement.slot,
+            placement.scope,
+        )
         for prompt, p in zip(prompts, params, strict=True)
     ]
     try:

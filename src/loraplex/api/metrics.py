@@ -83,6 +83,7 @@ class _EngineCollector(Collector):
             gauge = GaugeMetricFamily(name, doc, labels=labels)
             gauge.add_metric([self.model_name], value)
             yield gauge
+        yield from _prefix_cache_families(self.model_name, stats)
         info = GaugeMetricFamily(
             "vllm:lora_requests_info",
             "Adapters of running and waiting requests (value: scrape time).",
@@ -92,6 +93,65 @@ class _EngineCollector(Collector):
         waiting = ",".join(sorted(set(self.slot_names(stats.waiting_slots))))
         info.add_metric([running, waiting, str(self.max_loras)], time.time())
         yield info
+
+
+def _prefix_cache_families(model_name: str, stats: EngineStats) -> Iterable[Metric]:
+    """Prefix-cache counters in tokens (vLLM v1's names and counting), and cached blocks."""
+    for name, value, doc in (
+        (
+            "vllm:prefix_cache_queries",
+            stats.prefix_cache_queries,
+            "Prompt tokens looked up in the prefix cache (admitted requests).",
+        ),
+        (
+            "vllm:prefix_cache_hits",
+            stats.prefix_cache_hits,
+            "Prompt tokens served from the prefix cache.",
+        ),
+    ):
+        counter = CounterMetricFamily(name, doc, labels=["model_name"])
+        counter.add_metric([model_name], value)
+        yield counter
+    blocks = GaugeMetricFamily(
+        "loraplex_prefix_cache_blocks",
+        "KV blocks holding a cached prefix: in_use (referenced) or evictable (LRU).",
+        labels=["state"],
+    )
+    evictable = stats.num_evictable_kv_blocks
+    blocks.add_metric(["in_use"], stats.num_cached_kv_blocks - evictable)
+    blocks.add_metric(["evictable"], evictable)
+    yield blocks
+
+
+class _TenantCacheCollector(Collector):
+    """Per tenant: prompt tokens served from the prefix cache, and their share of all prompt
+    tokens (both counted as requests finish)."""
+
+    def __init__(self) -> None:
+        self.prompt: dict[str, int] = {}
+        self.cached: dict[str, int] = {}
+
+    def add(self, tenant: str, prompt_tokens: int, cached_tokens: int) -> None:
+        self.prompt[tenant] = self.prompt.get(tenant, 0) + prompt_tokens
+        self.cached[tenant] = self.cached.get(tenant, 0) + cached_tokens
+
+    def collect(self) -> Iterable[Metric]:
+        prompt, cached = dict(self.prompt), dict(self.cached)
+        hits = CounterMetricFamily(
+            "loraplex_tenant_prefix_cache_hits",
+            "Prompt tokens served from the prefix cache, per tenant.",
+            labels=["tenant"],
+        )
+        ratio = GaugeMetricFamily(
+            "loraplex_tenant_prefix_cache_hit_ratio",
+            "Share of a tenant's prompt tokens served from the prefix cache (0-1).",
+            labels=["tenant"],
+        )
+        for tenant in sorted(prompt):
+            hits.add_metric([tenant], cached.get(tenant, 0))
+            ratio.add_metric([tenant], cached.get(tenant, 0) / max(prompt[tenant], 1))
+        yield hits
+        yield ratio
 
 
 class _PoolCollector(Collector):
@@ -236,6 +296,8 @@ class ApiMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.tenant_cache = _TenantCacheCollector()
+        self.registry.register(self.tenant_cache)
 
     def watch_pool(self, pool) -> None:
         """Export the adapter pool's state and counters (an AdapterPool)."""
@@ -281,5 +343,8 @@ class RequestTimer:
             m.e2e.labels(name).observe(now - self.started)
             m.prompt_tokens.labels(name).inc(out.num_prompt_tokens)
             m.tenant_tokens.labels(self.tenant, "prompt").inc(out.num_prompt_tokens)
+            m.tenant_cache.add(
+                self.tenant, out.num_prompt_tokens, out.num_cached_tokens
+            )
             reason = out.finish_reason.value if out.finish_reason else "abort"
             m.success.labels(name, reason).inc()

@@ -127,8 +127,8 @@ async def create_completion(
             "finish_reason": reason,
         }
 
-    async with admitted(state, principal, body.model) as (slot, release):
-        streams = await submit(state, "cmpl", [p for p, _ in fan], params, slot)
+    async with admitted(state, principal, body.model) as (placement, release):
+        streams = await submit(state, "cmpl", [p for p, _ in fan], params, placement)
         if body.stream:
             include_usage = bool(
                 body.stream_options and body.stream_options.include_usage
@@ -166,7 +166,7 @@ async def create_completion(
                             "created": created,
                             "model": body.model,
                             "choices": [],
-                            "usage": usage(results, prompt_tokens).model_dump(),
+                            "usage": usage(results, prompt_tokens, body.n).model_dump(),
                         }
                     )
                 yield sse("[DONE]")
@@ -184,7 +184,7 @@ async def create_completion(
         created=created,
         model=body.model,
         choices=choices,
-        usage=usage(results, prompt_tokens),
+        usage=usage(results, prompt_tokens, body.n),
     )
 
 
@@ -219,8 +219,8 @@ async def create_chat_completion(
             else None
         )
 
-    async with admitted(state, principal, body.model) as (slot, release):
-        streams = await submit(state, "chat", [p for p, _ in fan], params, slot)
+    async with admitted(state, principal, body.model) as (placement, release):
+        streams = await submit(state, "chat", [p for p, _ in fan], params, placement)
         if body.stream:
             include_usage = bool(
                 body.stream_options and body.stream_options.include_usage
@@ -270,7 +270,7 @@ async def create_chat_completion(
                         {
                             **head,
                             "choices": [],
-                            "usage": usage(results, len(prompt)).model_dump(),
+                            "usage": usage(results, len(prompt), body.n).model_dump(),
                         }
                     )
                 yield sse("[DONE]")
@@ -291,5 +291,5 @@ async def create_chat_completion(
         created=created,
         model=body.model,
         choices=choices,
-        usage=usage(results, len(prompt)),
+        usage=usage(results, len(prompt), body.n),
     )

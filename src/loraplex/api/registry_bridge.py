@@ -33,11 +33,12 @@ class RegistryAuthenticator:
 
 @dataclass
 class PoolLease:
-    """A pinned slot; `release` unpins it once."""
+    """A pinned slot; `release` unpins it once. `digest`: the adapter's content sha256."""
 
     pool: AdapterPool
     adapter_id: int
     slot: int
+    digest: str | None = None
     released: bool = False
 
     def release(self) -> None:
@@ -68,7 +69,7 @@ class RegistryResolver:
         except (AdapterNotFound, NameInvalid):
             return None
         slot = await asyncio.to_thread(self.pool.acquire, adapter.id)
-        lease = PoolLease(self.pool, adapter.id, slot)
+        lease = PoolLease(self.pool, adapter.id, slot, adapter.sha256)
         try:
             await asyncio.to_thread(self.registry.catalog.touch, adapter.id)
         except BaseException:

@@ -10,6 +10,7 @@ from .generation import ChoiceResult
 from .schemas import (
     ChatLogprobs,
     CompletionLogprobs,
+    PromptTokensDetails,
     TokenLogprob,
     TopLogprob,
     Usage,
@@ -26,12 +27,16 @@ def sse(payload: dict | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-def usage(results: list[ChoiceResult], prompt_tokens: int) -> Usage:
+def usage(results: list[ChoiceResult], prompt_tokens: int, n: int = 1) -> Usage:
+    """Each prompt counts once (not n times), and so do its cached tokens: those of its first
+    choice (choice i*n + j is choice j of prompt i)."""
     completion = sum(len(r.token_ids) for r in results)
+    cached = sum(r.num_cached_tokens for r in results if r.index % n == 0)
     return Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion,
         total_tokens=prompt_tokens + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
     )
 
 

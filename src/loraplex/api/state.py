@@ -29,6 +29,7 @@ class ApiConfig:
     max_stop: int = 16
     max_stop_length: int = 256
     max_prompts: int = 32
+    share_base_prefix_across_tenants: bool = False  # base-only cached KV, shared by all
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,11 @@ class Principal:
 
 
 class AdapterLease(Protocol):
-    """A pinned adapter slot for the duration of one request."""
+    """A pinned adapter slot for the duration of one request.
+
+    A lease may also carry `digest`, the adapter's content sha256, which names its cached KV;
+    requests under a lease without one are not prefix-cached.
+    """
 
     slot: int
 
