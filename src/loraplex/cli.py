@@ -126,14 +126,21 @@ def _add_serve(sub) -> None:
     for name, field in ServeSettings.model_fields.items():
         if name in ("model", "admin_key"):
             continue
-        kind = {int: int, float: float}.get(field.annotation, str)
-        serve.add_argument(
-            "--" + name.replace("_", "-"),
-            type=kind,
-            default=argparse.SUPPRESS,
-            help=f"{field.description} (default: {field.default}; "
-            f"env LORAPLEX_{name.upper()})",
+        flag = "--" + name.replace("_", "-")
+        help_text = (
+            f"{field.description} (default: {field.default}; "
+            f"env LORAPLEX_{name.upper()})"
         )
+        if field.annotation is bool:  # --x and --no-x, as vLLM spells its switches
+            serve.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+            continue
+        kind = {int: int, float: float}.get(field.annotation, str)
+        serve.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
 
 
 def _add_adapters(sub) -> None:
