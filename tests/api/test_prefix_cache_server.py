@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import re
+import time
 
 import httpx
 import pytest
@@ -189,9 +190,18 @@ def test_a_replaced_adapter_never_serves_the_old_versions_cached_kv(
     assert complete(url, acme, "bot", prompt) == (reference("pirate", prompt), 0)
     assert complete(url, acme, "bot", prompt) == (reference("pirate", prompt), 48)
     hits = metric(url, HITS)
+    blocks = "loraplex_prefix_cache_blocks"
+    assert (
+        metric(url, blocks) == 4
+    )  # the prompt's 4 full blocks (the first is this one)
 
     second = upload(url, acme, "bot", demo_assets, "french", replace=True)
     assert second["version"] == 2 and second["sha256"] != first["sha256"]
+    # The old version's blocks are unindexed at once (reused first), not left to age out.
+    deadline = time.monotonic() + 5
+    while metric(url, blocks) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(url, blocks) == 0
     text, cached = complete(url, acme, "bot", prompt)
     assert (text, cached) == (reference("french", prompt), 0)
     assert text != reference("pirate", prompt)

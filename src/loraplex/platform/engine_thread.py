@@ -126,11 +126,16 @@ class EngineThread:
             self._shut_down()
 
     def _drain_inbox(self) -> None:
+        ran = False
         while True:
             try:
                 fn, future = self._inbox.get_nowait()
             except queue.Empty:
+                # Calls change what the stats show (aborts, a dropped cache) while idle.
+                if ran:
+                    self._stats = self.engine.stats()
                 return
+            ran = True
             if not future.set_running_or_notify_cancel():
                 continue
             try:
