@@ -34,15 +34,14 @@ class BlockManager:
         self.block_size = block_size
         self.enable_caching = enable_caching
         self._empty: deque[int] = deque(range(num_blocks))
-        self._lru: OrderedDict[int, None] = (
-            OrderedDict()
-        )  # cached, unreferenced; oldest first
+        # Cached blocks nobody references, least recently used first.
+        self._lru: OrderedDict[int, None] = OrderedDict()
         self._ref_counts = [0] * num_blocks
         self._hashes: list[bytes | None] = [None] * num_blocks
         self._roots: list[bytes | None] = [None] * num_blocks  # to forget a whole root
         self._index: dict[bytes, int] = {}  # chain hash → block
         self._tables: dict[str, list[int]] = {}
-        self._num_indexed: dict[str, int] = {}  # leading table blocks already hashed
+        self._num_indexed: dict[str, int] = {}  # leading table blocks already indexed
 
     @property
     def num_free_blocks(self) -> int:
