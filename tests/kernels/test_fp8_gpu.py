@@ -24,7 +24,8 @@ from loraplex.kernels.fp8 import (
 pytestmark = pytest.mark.gpu
 
 TOKENS = (1, 2, 8, 16, 64, 128, 256, 1024, 8192)
-TOLERANCE = {torch.bfloat16: 5e-3, torch.float16: 2e-3, torch.float32: 1e-5}
+# bf16/fp16: the output's rounding; fp32: Hopper's FP8 MMA sums 128 products at ~14 bits.
+TOLERANCE = {torch.bfloat16: 5e-3, torch.float16: 2e-3, torch.float32: 1e-3}
 FUSED_MAX_TOKENS = (
     256  # beyond, the fused kernel re-reads x per program: not a real choice
 )

@@ -11,6 +11,7 @@ partial tile and bumps a per-tile counter; the last split to arrive adds the par
 order, applies the scales (and bias) and writes y, then resets the counter for the next launch.
 One launch, no zero fill, the same bits on every run, nothing that waits on the host: CUDA-graph
 safe once the counters exist (the first launch on a device makes them; warm up before capture).
+Partial sums move from the MMA's accumulator to fp32 every PROMOTE_EVERY elements of K.
 
 QUANT_X (the fused variant) takes bf16/fp16/fp32 x and quantizes it per token inside: each
 program first reads its tokens' whole rows for their absmax (from L2), then casts each K block
@@ -30,6 +31,10 @@ import triton.language as tl
 from ._launch import FP8_MAX, MIN_SCALE, OUT_DTYPES, QUANT_DTYPES, kernel_for
 
 NUM_COUNTERS = 8192  # tiles a split-K launch may have
+# Hopper's FP8 MMA adds products at reduced precision (about 14 bits kept: DeepSeek-V3's
+# report); Triton's default there never moves the sum to fp32. Promote every 128 K elements, as
+# DeepSeek-V3 does (a few adds per K block: free in a memory-bound GEMM).
+PROMOTE_EVERY = 128
 _counters: dict[torch.device, torch.Tensor] = {}
 
 
@@ -58,6 +63,7 @@ def fp8_gemm_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr,
+    PROMOTE_EVERY: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -96,7 +102,7 @@ def fp8_gemm_kernel(
         if QUANT_X:
             x = tl.math.div_rn(x.to(tl.float32), x_scales[:, None])
             x = tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX).to(w.dtype)
-        acc = tl.dot(w, tl.trans(x), acc)
+        acc = tl.dot(w, tl.trans(x), acc, max_num_imprecise_acc=PROMOTE_EVERY)
 
     # y[m, n] lives at column n of row m: the tile is [BLOCK_N, BLOCK_M], n along dim 0.
     tile = offs_m.to(tl.int64)[None, :] * stride_y_token + offs_n[:, None]
@@ -293,6 +299,7 @@ def fp8_gemm(
         BLOCK_K=config.block_k,
         SPLIT_K=split_k,
         EVEN_K=k % config.block_k == 0,
+        PROMOTE_EVERY=min(config.block_k, PROMOTE_EVERY),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
