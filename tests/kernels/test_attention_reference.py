@@ -76,3 +76,51 @@ def test_mixed_prefill_chunks_and_decodes(sliding_window):
         )
         got = out[starts[i] : starts[i + 1]].double()
         assert ((got - ref).norm() / ref.norm()).item() < 1e-6
+
+
+def test_padding_tokens_write_nothing_and_padding_sequences_give_zeros():
+    """CUDA-graph buckets pad a batch with tokens of slot -1 in sequences of seq_len 0."""
+    gen = torch.Generator().manual_seed(1)
+    key_cache = torch.randn(4, 4, 2, 8, generator=gen)
+    value_cache = torch.randn(4, 4, 2, 8, generator=gen)
+    before = key_cache.clone(), value_cache.clone()
+    key, value = (
+        torch.randn(3, 2, 8, generator=gen),
+        torch.randn(3, 2, 8, generator=gen),
+    )
+    write_kv_reference(key_cache, value_cache, key, value, torch.tensor([5, -1, -1]))
+    assert torch.equal(key_cache.view(-1, 2, 8)[5], key[0])
+    assert torch.equal(value_cache.view(-1, 2, 8)[5], value[0])
+    for cache, old in zip((key_cache, value_cache), before, strict=True):
+        flat, old = cache.view(-1, 2, 8), old.view(-1, 2, 8)
+        assert torch.equal(flat[:5], old[:5]) and torch.equal(flat[6:], old[6:])
+
+    query = torch.randn(3, 4, 8, generator=gen)
+    out = paged_attention_reference(
+        query,
+        key_cache,
+        value_cache,
+        torch.tensor([[1, 0], [0, 0], [0, 0]], dtype=torch.int32),
+        torch.tensor([0, 1, 2, 3], dtype=torch.int32),
+        torch.tensor([6, 0, 0], dtype=torch.int32),
+        0.3,
+    )
+    assert torch.isfinite(out).all()
+    assert not out[1:].any()
+    assert out[0].abs().sum() > 0
+
+
+def test_a_query_token_that_sees_no_key_gets_zeros():
+    """More query tokens than context (only a malformed or padding sequence has that)."""
+    gen = torch.Generator().manual_seed(2)
+    cache = torch.randn(2, 4, 1, 8, generator=gen)
+    out = paged_attention_reference(
+        torch.randn(3, 1, 8, generator=gen),
+        cache,
+        cache,
+        torch.tensor([[0, 1]], dtype=torch.int32),
+        torch.tensor([0, 3], dtype=torch.int32),
+        torch.tensor([2], dtype=torch.int32),
+        0.3,
+    )
+    assert not out[0].any() and torch.isfinite(out).all() and out[1:].abs().sum() > 0

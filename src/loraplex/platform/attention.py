@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from loraplex.kernels.attention import paged_attention_reference, write_kv_reference
+from loraplex.kernels import attention as attention_ops
+from loraplex.kernels.attention import Backend
 
 from .inputs import ForwardInputs
 
@@ -17,11 +18,23 @@ def paged_attention(
     inputs: ForwardInputs,
     scale: float,
     sliding_window: int | None,
+    *,
+    backend: Backend = "auto",
 ) -> torch.Tensor:
-    """Store this step's k/v [T, KVH, D] in the cache, then attend with q [T, H, D] → [T, H, D]."""
+    """Store this step's k/v [T, KVH, D] in the cache, then attend with q [T, H, D] → [T, H, D].
+
+    :param backend: "auto" runs the Triton kernels on CUDA tensors and the torch reference on
+        CPU tensors; "torch" or "triton" force one (see `loraplex.kernels.attention`).
+        Tokens whose slot_mapping is negative (padding) write nothing; sequences of seq_len 0
+        give zeros. The grids come from `inputs.max_query_len` and `inputs.max_seq_len`, host
+        ints, so nothing here waits for the device.
+    """
+    backend = attention_ops.resolve_backend(backend, q)
     key_cache, value_cache = kv
-    write_kv_reference(key_cache, value_cache, k, v, inputs.slot_mapping)
-    return paged_attention_reference(
+    attention_ops.write_kv(
+        key_cache, value_cache, k, v, inputs.slot_mapping, backend=backend
+    )
+    return attention_ops.paged_attention(
         q,
         key_cache,
         value_cache,
@@ -30,4 +43,7 @@ def paged_attention(
         inputs.seq_lens,
         scale,
         sliding_window,
+        max_query_len=inputs.max_query_len,
+        max_seq_len=inputs.max_seq_len,
+        backend=backend,
     )

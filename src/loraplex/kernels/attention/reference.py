@@ -6,6 +6,11 @@ already in the KV cache for that sequence plus themselves. Grouped-query attenti
 h to KV head h // (num_heads // num_kv_heads). The KV cache is paged: row `slot` of the flattened
 cache is `block_id * block_size + offset`.
 
+Padding (CUDA-graph batch buckets pad a batch with dummy tokens and sequences):
+- a token whose slot_mapping is negative is not written to the cache;
+- a query token that sees no key (its sequence has seq_len 0, or more query tokens than
+  context) gets an output of zeros, never NaN, and nothing of its block table is read.
+
 It loops over sequences (never tokens) and reads the per-sequence lengths to the host: it is the
 spec and the CPU path, not the GPU hot path.
 """
@@ -22,17 +27,20 @@ def write_kv_reference(
     value: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """key_cache.flat[slot_mapping[t]] = key[t] (and the same for values), in place.
+    """key_cache.flat[slot_mapping[t]] = key[t] (and the same for values) where slot_mapping[t] >= 0.
 
-    :param key_cache: [num_blocks, block_size, num_kv_heads, head_dim].
-    :param value_cache: [num_blocks, block_size, num_kv_heads, head_dim].
+    :param key_cache: [num_blocks, block_size, num_kv_heads, head_dim], updated in place.
+    :param value_cache: [num_blocks, block_size, num_kv_heads, head_dim], updated in place.
     :param key: [num_tokens, num_kv_heads, head_dim].
     :param value: [num_tokens, num_kv_heads, head_dim].
-    :param slot_mapping: [num_tokens] int64, the cache row of each token.
+    :param slot_mapping: [num_tokens] int64 (or int32), the cache row of each token; negative
+        for a padding token, which writes nothing.
     """
     num_kv_heads, head_dim = key_cache.shape[2:]
-    key_cache.view(-1, num_kv_heads, head_dim)[slot_mapping] = key.to(key_cache.dtype)
-    value_cache.view(-1, num_kv_heads, head_dim)[slot_mapping] = value.to(
+    keep = slot_mapping >= 0
+    rows = slot_mapping[keep].long()
+    key_cache.view(-1, num_kv_heads, head_dim)[rows] = key[keep].to(key_cache.dtype)
+    value_cache.view(-1, num_kv_heads, head_dim)[rows] = value[keep].to(
         value_cache.dtype
     )
 
@@ -50,16 +58,20 @@ def paged_attention_reference(
     """Causal attention of each sequence's new tokens over its cached context, in float32.
 
     :param query: [num_tokens, num_heads, head_dim]; sequence i owns rows
-        query_start_loc[i] : query_start_loc[i+1], which are its last positions.
+        query_start_loc[i] : query_start_loc[i+1], which are its last positions
+        (seq_len - query_len ... seq_len - 1). Every row belongs to one sequence.
     :param key_cache: [num_blocks, block_size, num_kv_heads, head_dim], already holding this
         step's keys.
     :param value_cache: [num_blocks, block_size, num_kv_heads, head_dim].
-    :param block_tables: [num_seqs, max_blocks_per_seq] int32, block ids in position order.
+    :param block_tables: [num_seqs, max_blocks_per_seq] int32, block ids in position order;
+        only the first ceil(seq_len / block_size) entries of a row are read.
     :param query_start_loc: [num_seqs + 1] int32.
-    :param seq_lens: [num_seqs] int32, each sequence's context length including this step.
+    :param seq_lens: [num_seqs] int32, each sequence's context length including this step;
+        0 for a padding sequence.
     :param scale: the softmax scale, usually head_dim ** -0.5.
     :param sliding_window: if set, a token at position p sees only positions > p - sliding_window.
-    :return: [num_tokens, num_heads, head_dim] in the query's dtype.
+    :return: [num_tokens, num_heads, head_dim] in the query's dtype; zeros for a query token that
+        sees no key.
     """
     num_heads, head_dim = query.shape[1:]
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
@@ -69,6 +81,9 @@ def paged_attention_reference(
     for seq, seq_len in enumerate(seq_lens.tolist()):
         q_begin, q_end = starts[seq], starts[seq + 1]
         if q_end == q_begin:
+            continue
+        if seq_len == 0:  # a padding sequence: nothing to attend to
+            out[q_begin:q_end] = 0
             continue
         num_blocks = -(-seq_len // block_size)
         blocks = block_tables[seq, :num_blocks].long()
@@ -88,6 +103,9 @@ def paged_attention_reference(
         if sliding_window is not None:
             visible &= k_positions[None, :] > q_positions[:, None] - sliding_window
         scores = scores.masked_fill(~visible[None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
+        # A row that sees nothing would be softmax(-inf...) = NaN: it is zero instead.
+        probs = torch.softmax(scores, dim=-1).masked_fill(
+            ~visible.any(dim=1)[None, :, None], 0.0
+        )
         out[q_begin:q_end] = torch.einsum("hqk,khd->qhd", probs, values).to(query.dtype)
     return out
