@@ -245,7 +245,7 @@ class DrainingServer(uvicorn.Server):
             time.sleep(0.05)
         if self._busy():
             log.warning("drain timeout: aborting the requests still running")
-        self.api.client.thread.stop()  # what is left ends with finish_reason "abort"
+        self.api.client.stop()  # what is left ends with finish_reason "abort"
         time.sleep(0.2)  # let the aborted streams send their last chunk
         self.should_exit = True
 

@@ -177,7 +177,7 @@ async def _forget_cached_kv(request: Request, principal: Principal, name: str) -
     stale = {a.sha256 for a in versions if a.name == name and a.sha256} - live
     for digest in stale:
         scope = PrefixScope(digest, tenant_salt(principal))
-        state.client.thread.call(lambda engine, s=scope: engine.forget_prefix(s))
+        state.client.forget_prefix(scope)
 
 
 async def _checked_parts(

@@ -164,10 +164,10 @@ async def pool_state(request: Request) -> dict:
 async def engine_state(request: Request) -> dict:
     """The engine's load and the base model."""
     state = get_state(request)
-    stats = state.client.thread.stats()
+    stats = state.client.stats()
     return {
         "model": state.config.served_model_name,
-        "alive": state.client.thread.alive,
+        "alive": state.client.alive,
         "uptime_s": time.time() - state.started_at,
         "num_running": stats.num_running,
         "num_waiting": stats.num_waiting,

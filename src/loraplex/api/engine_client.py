@@ -10,8 +10,15 @@ import asyncio
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-from loraplex.platform import EngineThread, PrefixScope, RequestOutput, SamplingParams
+from loraplex.platform import (
+    EngineStats,
+    EngineThread,
+    PrefixScope,
+    RequestOutput,
+    SamplingParams,
+)
 
 
 @dataclass(frozen=True)
@@ -21,10 +28,58 @@ class Submission:
     sampling: SamplingParams
     slot: int | None
     scope: PrefixScope | None = None  # who may share its cached KV
+    # The call's adapter lease, for clients whose engines pin slots themselves (replicas).
+    lease: object | None = None
+
+
+class OutputStream(Protocol):
+    """One request's outputs, in order; the last has `finished` set.
+
+    Iterating may raise EngineDeadError when the engine serving the request was lost.
+    """
+
+    finished: bool
+
+    def __aiter__(self) -> OutputStream: ...
+
+    async def __anext__(self) -> RequestOutput: ...
+
+    def close(self) -> None:
+        """Abort the request if it still runs (idempotent)."""
+
+
+class InferenceClient(Protocol):
+    """What the routes need of an engine: the in-process EngineClient, or replicas."""
+
+    num_active: int  # requests submitted and not finished
+
+    @property
+    def alive(self) -> bool:
+        """Whether new requests can run."""
+
+    def new_request_id(self, prefix: str) -> str: ...
+
+    async def submit(self, submissions: Sequence[Submission]) -> list[OutputStream]:
+        """Queue every request of one call at once (all or none).
+
+        :raises InvalidRequestError: the engine refused a request.
+        :raises EngineDeadError: no engine can take it now (retryable).
+        """
+
+    def stats(self) -> EngineStats:
+        """The engine's load (summed over replicas)."""
+
+    def forget_prefix(self, scope: PrefixScope) -> None:
+        """Drop cached KV under `scope` (an optimisation; may run later)."""
+
+    def stop(self) -> None:
+        """Stop the engine(s) this client owns; unfinished requests end aborted."""
 
 
 class RequestStream:
     """Async iterator over one request's outputs; the last one has `finished` set."""
+
+    replica: str | None = None  # the in-process engine has no replica id
 
     def __init__(self, client: EngineClient, request_id: str) -> None:
         self.client = client
@@ -64,8 +119,21 @@ class EngineClient:
             0  # submitted and not finished; touched on the event loop only
         )
 
+    @property
+    def alive(self) -> bool:
+        return self.thread.alive
+
     def new_request_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}"
+
+    def stats(self) -> EngineStats:
+        return self.thread.stats()
+
+    def forget_prefix(self, scope: PrefixScope) -> None:
+        self.thread.call(lambda engine: engine.forget_prefix(scope))
+
+    def stop(self) -> None:
+        self.thread.stop()
 
     async def submit(self, submissions: Sequence[Submission]) -> list[RequestStream]:
         """Queue every request at once; if any is refused, abort the others and re-raise.

@@ -9,7 +9,7 @@ from typing import TypeVar
 
 from loraplex.platform import RequestOutput, TokenLogprobs
 
-from .engine_client import RequestStream
+from .engine_client import OutputStream
 
 T = TypeVar("T")
 
@@ -38,18 +38,22 @@ class ChoiceResult:
 
 
 async def merge(
-    streams: list[RequestStream],
+    streams: list[OutputStream],
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Interleave output streams as outputs arrive: (stream index, output).
 
-    Closing the merged iterator (or cancelling its consumer) aborts every unfinished request.
+    A stream that fails (its engine was lost) raises its error here: a failed stream must
+    not read as one that ended. Closing the merged iterator (or cancelling its consumer)
+    aborts every unfinished request.
     """
-    queue: asyncio.Queue[tuple[int, RequestOutput | None]] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
 
-    async def pump(i: int, stream: RequestStream) -> None:
+    async def pump(i: int, stream: OutputStream) -> None:
         try:
             async for out in stream:
                 await queue.put((i, out))
+        except Exception as exc:  # noqa: BLE001 - re-raised by the consumer below
+            await queue.put((i, exc))
         finally:
             await queue.put((i, None))
 
@@ -60,6 +64,8 @@ async def merge(
             i, out = await queue.get()
             if out is None:
                 remaining -= 1
+            elif isinstance(out, Exception):
+                raise out
             else:
                 yield i, out
     finally:

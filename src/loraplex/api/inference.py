@@ -16,11 +16,12 @@ from loraplex.platform import (
     SamplingParams,
 )
 
-from .engine_client import RequestStream, Submission
+from .engine_client import OutputStream, Submission
 from .errors import ApiError
 from .generation import ChoiceResult, merge, run_until_disconnect
+from .responses import sse
 from .schemas import SamplingFields
-from .state import ApiState, Principal
+from .state import AdapterLease, ApiState, Principal
 
 
 def sampling_params(
@@ -102,6 +103,7 @@ class Placement:
 
     slot: int | None
     scope: PrefixScope
+    lease: AdapterLease | None = None  # engines that pin slots themselves read it
 
 
 def tenant_salt(principal: Principal) -> str:
@@ -129,7 +131,7 @@ async def admitted(state: ApiState, principal: Principal, model: str):
     tenant = principal.label
     config = state.config
     rejection = None
-    if not state.client.thread.alive:
+    if not state.client.alive:
         rejection = ("engine_down", 503, "the engine is not running", 5)
     elif state.draining:
         rejection = ("draining", 503, "the server is shutting down", 5)
@@ -176,7 +178,8 @@ async def admitted(state: ApiState, principal: Principal, model: str):
 
     try:
         slot = lease.slot if lease is not None else None
-        yield Placement(slot, prefix_scope(state, principal, lease)), release
+        scope = prefix_scope(state, principal, lease)
+        yield Placement(slot, scope, lease), release
     except BaseException:
         release()
         raise
@@ -196,6 +199,7 @@ async def submit(
             p,
             placement.slot,
             placement.scope,
+            placement.lease,
         )
         for prompt, p in zip(prompts, params, strict=True)
     ]
@@ -203,11 +207,24 @@ async def submit(
         return await state.client.submit(submissions)
     except InvalidRequestError as exc:
         raise ApiError(400, str(exc)) from None
-    except EngineDeadError:
-        raise ApiError(503, "the engine is not running", retry_after=5) from None
+    except EngineDeadError as exc:
+        raise engine_unavailable(exc) from None
 
 
-async def collect(streams: list[RequestStream], results: list[ChoiceResult], timers):
+def engine_unavailable(exc: EngineDeadError) -> ApiError:
+    """The retryable 503 of a request whose engine is gone (stopped, or a lost replica)."""
+    retry_after = max(1, round(getattr(exc, "retry_after_s", 5)))
+    message = getattr(exc, "client_message", "the engine is not running")
+    return ApiError(503, message, code="engine_unavailable", retry_after=retry_after)
+
+
+def served_by(streams) -> dict[str, str]:
+    """The `x-loraplex-replica` header: which engine replica ran the call (replicas only)."""
+    replicas = sorted({s.replica for s in streams if getattr(s, "replica", None)})
+    return {"x-loraplex-replica": ",".join(replicas)} if replicas else {}
+
+
+async def collect(streams: list[OutputStream], results: list[ChoiceResult], timers):
     async for i, out in merge(streams):
         timers[i].observe(out)
         results[i].add(out)
@@ -215,9 +232,11 @@ async def collect(streams: list[RequestStream], results: list[ChoiceResult], tim
 
 async def collect_until_done(request, streams, results, timers, release) -> None:
     """Gather every output of a non-streaming call, or stop when the client leaves; then
-    abort what still runs and unpin the slot."""
+    abort what still runs and unpin the slot. A lost engine answers the retryable 503."""
     try:
         await run_until_disconnect(request.receive, collect(streams, results, timers))
+    except EngineDeadError as exc:
+        raise engine_unavailable(exc) from None
     finally:
         for stream in streams:
             stream.close()
@@ -233,9 +252,13 @@ def fan_out(body: SamplingFields, prompts: list[list[int]]):
 
 
 def streaming_response(
-    events: AsyncIterator[bytes], streams: list[RequestStream], release
+    events: AsyncIterator[bytes], streams: list[OutputStream], release
 ) -> StreamingResponse:
-    """An SSE response whose cleanup (abort unfinished requests, unpin the slot) always runs."""
+    """An SSE response whose cleanup (abort unfinished requests, unpin the slot) always runs.
+
+    The status line is sent before the first token, so an engine lost mid-stream ends the
+    stream with one `data: {"error": ...}` event in the one error shape (503, retryable).
+    """
 
     def cleanup() -> None:
         for s in streams:
@@ -243,8 +266,16 @@ def streaming_response(
         release()
 
     return StreamingResponse(
-        events,
+        _until_engine_lost(events),
         media_type="text/event-stream",
         background=BackgroundTask(cleanup),
-        headers={"Cache-Control": "no-cache"},
+        headers={"Cache-Control": "no-cache", **served_by(streams)},
     )
+
+
+async def _until_engine_lost(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    try:
+        async for event in events:
+            yield event
+    except EngineDeadError as exc:
+        yield sse(engine_unavailable(exc).body())

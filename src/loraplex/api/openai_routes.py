@@ -6,7 +6,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 
 from .auth import PrincipalDep, require_principal
 from .errors import ApiError
@@ -18,6 +18,7 @@ from .inference import (
     fan_out,
     max_tokens_for,
     sampling_params,
+    served_by,
     streaming_response,
     submit,
 )
@@ -74,6 +75,7 @@ async def list_models(request: Request, principal: PrincipalDep):
 async def create_completion(
     body: CompletionRequest,
     request: Request,
+    response: Response,
     principal: PrincipalDep,
 ):
     state = get_state(request)
@@ -173,6 +175,7 @@ async def create_completion(
 
             return streaming_response(events(), streams, release)
         await collect_until_done(request, streams, results, timers, release)
+        response.headers.update(served_by(streams))
     choices = [
         CompletionChoice(
             **choice(r, r.text, r.token_ids, r.logprobs, 0, r.finish_reason)
@@ -192,6 +195,7 @@ async def create_completion(
 async def create_chat_completion(
     body: ChatCompletionRequest,
     request: Request,
+    response: Response,
     principal: PrincipalDep,
 ):
     state = get_state(request)
@@ -277,6 +281,7 @@ async def create_chat_completion(
 
             return streaming_response(events(), streams, release)
         await collect_until_done(request, streams, results, timers, release)
+        response.headers.update(served_by(streams))
     choices = [
         ChatChoice(
             index=r.index,

@@ -26,7 +26,7 @@ async def readyz(request: Request) -> JSONResponse:
     """Ready to serve: the engine runs and the server is not draining (503 otherwise)."""
     state = get_state(request)
     checks = {
-        "engine": state.client.thread.alive,
+        "engine": state.client.alive,
         "not_draining": not state.draining,
     }
     if state.registry is not None:

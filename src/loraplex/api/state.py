@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 from fastapi import Request
 
-from .engine_client import EngineClient
+from .engine_client import InferenceClient
 from .metrics import ApiMetrics
 from .text import TextProcessor
 
@@ -48,10 +48,11 @@ class AdapterLease(Protocol):
     """A pinned adapter slot for the duration of one request.
 
     A lease may also carry `digest`, the adapter's content sha256, which names its cached KV;
-    requests under a lease without one are not prefix-cached.
+    requests under a lease without one are not prefix-cached. A lease of engine replicas has
+    no slot (None): each replica pins one itself, from what the lease carries.
     """
 
-    slot: int
+    slot: int | None
 
     def release(self) -> None:
         """Unpin the slot; calling it twice is harmless."""
@@ -79,7 +80,7 @@ class Authenticator(Protocol):
 @dataclass
 class ApiState:
     config: ApiConfig
-    client: EngineClient
+    client: InferenceClient  # EngineClient, or a client of engine replicas
     text: TextProcessor
     resolver: AdapterResolver
     authenticator: Authenticator
