@@ -7,7 +7,7 @@ so each K/V tile is read once for the group; it walks the context BLOCK_N positi
 cache blocks) at a time. Sequences of any other query length are left to the prefill kernel.
 
 Split-K (flash-decoding): when sequences x KV heads are too few to fill the GPU, each program
-takes one of NUM_SPLITS equal, tile-aligned slices of its sequence's context and stores its
+takes one of num_splits equal, tile-aligned slices of its sequence's context and stores its
 normalised partial output and log-sum-exp; a second launch (`combine_splits_kernel`) merges the
 slices. The split count depends only on host ints (batch size, heads, max_seq_len), so one
 CUDA graph replays for any seq_lens: each program finds its slice from its own seq_len.
@@ -55,13 +55,15 @@ def paged_decode_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    SPLIT: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    # The split count is a runtime value: one compiled kernel serves every count.
+    num_splits = tl.num_programs(2)
     q_begin = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
     if q_len != 1:  # no query token, or a prefill chunk: not this kernel's row
@@ -73,11 +75,11 @@ def paged_decode_kernel(
         start = 0
     # Tiles are BLOCK_N-aligned positions, so that a tile is whole cache blocks.
     first = (start // BLOCK_N) * BLOCK_N
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         lo = first
         hi = seq_len
     else:
-        per_split = tl.cdiv(tl.cdiv(seq_len - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        per_split = tl.cdiv(tl.cdiv(seq_len - first, num_splits), BLOCK_N) * BLOCK_N
         lo = first + split * per_split
         hi = tl.minimum(lo + per_split, seq_len)
 
@@ -123,7 +125,7 @@ def paged_decode_kernel(
     # denom is 0 only where nothing was seen (seq_len 0, an empty split): acc is 0 there too.
     safe_denom = tl.where(denom > 0, denom, 1.0)
     out_mask = row_ok[:, None] & dim_ok[None, :]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         tl.store(
             out_ptr
             + q_begin.to(tl.int64) * stride_out_token
@@ -133,7 +135,7 @@ def paged_decode_kernel(
             mask=out_mask,
         )
     else:
-        part = (seq * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS + split
+        part = (seq * (tl.num_programs(1) * GROUP) + heads) * num_splits + split
         tl.store(
             part_out_ptr + part.to(tl.int64)[:, None] * HEAD_DIM + dims[None, :],
             acc / safe_denom[:, None],
@@ -149,11 +151,11 @@ def combine_splits_kernel(
     part_lse_ptr,
     query_start_loc_ptr,
     out_ptr,
+    num_splits,
     stride_out_token,
     stride_out_head,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
 ):
     """out[s, h] = Σ_i 2^(lse_i - L) · o_i / Σ_i 2^(lse_i - L), L = max_i lse_i, per row."""
@@ -164,10 +166,10 @@ def combine_splits_kernel(
     if q_len != 1:  # the decode kernel wrote no partials for this sequence
         return
     splits = tl.arange(0, BLOCK_SPLITS)
-    split_ok = splits < NUM_SPLITS
+    split_ok = splits < num_splits
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
-    part = (seq * tl.num_programs(1) + head) * NUM_SPLITS + splits
+    part = (seq * tl.num_programs(1) + head) * num_splits + splits
     lse = tl.load(part_lse_ptr + part, mask=split_ok, other=float("-inf"))
     top = tl.max(lse, 0)
     top = tl.where(top == float("-inf"), 0.0, top)  # every split empty: weights all 0
@@ -294,7 +296,7 @@ def launch_decode(
         BLOCK_H=max(16, next_pow2(group)),
         BLOCK_D=block_d,
         BLOCK_N=config.block_n,
-        NUM_SPLITS=splits,
+        SPLIT=splits > 1,
         USE_WINDOW=sliding_window is not None,
         DOT_PRECISION=dot_precision(query.dtype),
         num_warps=config.num_warps,
@@ -306,11 +308,11 @@ def launch_decode(
             part_lse,
             query_start_loc,
             out,
+            splits,
             out.stride(0),
             out.stride(1),
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
-            NUM_SPLITS=splits,
             BLOCK_SPLITS=next_pow2(splits),
             num_warps=4,
         )
