@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     from loraplex.build_command import add_build_parser
 
     add_build_parser(sub)
+    from loraplex.loadgen.commands import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -176,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         from loraplex.build_command import run_build
 
         return run_build(args)
+    if args.command == "bench":
+        from loraplex.loadgen.commands import run_bench
+
+        return run_bench(args)
     return _generate(args)
 
 
