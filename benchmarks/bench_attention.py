@@ -1,19 +1,15 @@
-"""Paged attention on Llama-3.1-8B heads (32 query, 8 KV, head_dim 128, bf16): time, byte floor,
-torch baselines (issue 7).
+"""Paged attention on Llama-3.1-8B heads (32/8/128, bf16): time, byte floor, torch baselines.
 
     PYTHONPATH=src python benchmarks/bench_attention.py --out DIR
     TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/bench_attention.py --out DIR --smoke
 
-Decode: B in {1, 8, 32, 64, 128} x context {640, 4096}, one layer's attention (the KV write
-timed apart): eager (do_bench, L2 flushed) and replayed in a CUDA graph (over block tables
-that do not share blocks when a call's bytes fit in L2); floor = (K/V bytes read + q and out)
-/ the device-to-device copy bandwidth measured in this run; baseline = K/V gathered through the
-block table into a padded tensor, then torch SDPA (gather included). Prefill: 8192 tokens as
-one sequence and as 16 x 512, TFLOP/s (causal: 4·H·D·L(L+1)/2 per sequence) against the bf16
-matmul rate at 8192³ measured in this run, beside torch SDPA on the gathered K/V. A small sweep
-of decode and prefill configs shows what the defaults leave on the table. Writes
-DIR/bench_attention.json (device, versions, commit, configs, every raw timing) and prints a
-table last. --smoke: tiny shapes in Triton's interpreter on the CPU (plumbing only).
+Decode, B in {1, 8, 32, 64, 128} x context {640, 4096}, one layer: eager (do_bench, L2
+flushed) and per call in a CUDA graph (calls on disjoint blocks while one fits in L2); floor =
+(K/V read + q + out bytes) / the copy bandwidth measured in this run; baseline: K/V gathered
+through the block table, then torch SDPA (gather included); the KV write apart. Prefill, 8192
+tokens as 1 x 8192 and 16 x 512: TFLOP/s (causal 4·H·D·L(L+1)/2) against the bf16 matmul rate
+at 8192³ measured in this run, beside SDPA. A sweep of configs around the defaults. Writes
+DIR/bench_attention.json (device, versions, commit, configs, raw timings); prints a table last.
 """
 
 from __future__ import annotations
@@ -110,50 +106,57 @@ def _error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def decode_cases(bench: Bench) -> list[dict]:
     sizes = ((1, 2), (40,)) if bench.smoke else ((1, 8, 32, 64, 128), (640, 4096))
-    elem = torch.finfo(bench.dtype).bits // 8
     rows = []
     for context in sizes[1]:
         for batch_size in sizes[0]:
-            lens, qlens = [context] * batch_size, [1] * batch_size
-            b = bench.batch(lens, qlens)
-            kv_bytes = 2 * batch_size * context * bench.num_kv_heads * bench.head_dim
-            qo_bytes = 2 * batch_size * bench.num_heads * bench.head_dim
-            floor_bytes = (kv_bytes + qo_bytes) * elem
-            config = choose_decode_config(
-                batch_size,
-                bench.num_kv_heads,
-                context,
-                bench.head_dim,
-                bench.dtype,
-                bench.device,
-            )
-            rec = {
-                "batch": batch_size,
-                "context": context,
-                "config": vars(config),
-                "floor_bytes": floor_bytes,
-                "floor_us": bench.us_at_copy_bw(floor_bytes),
-                "eager": eager(lambda b=b: _attention(b), bench.device),
-            }
-            # Distinct blocks per graph call while a call would otherwise run from L2.
-            sets = max(1, min(GRAPH_CALLS, math.ceil(3 * L2_BYTES / floor_bytes)))
-            shift = bench.num_blocks // sets
-            calls = [bench.batch(lens, qlens, shift * i) for i in range(sets)]
-            calls = [lambda c=c: _attention(c) for c in calls]
-            rec["graph"] = bench.timer.per_call(calls * (GRAPH_CALLS // sets))
-            key = torch.randn(batch_size, bench.num_kv_heads, bench.head_dim).to(
-                device=bench.device, dtype=bench.dtype
-            )
-            slots = torch.arange(batch_size, device=bench.device) * context
-            rec["kv_write"] = eager(
-                lambda key=key, slots=slots: write_kv_triton(
-                    bench.key_cache, bench.value_cache, key, key, slots
-                ),
-                bench.device,
-            )
-            rec.update(_baseline(bench, b, lens, qlens, graph=True))
-            rows.append(rec)
+            try:  # one failing shape must not cost the others
+                rows.append(_decode_case(bench, batch_size, context))
+            except Exception:  # noqa: BLE001 - recorded and printed
+                failure = traceback.format_exc()
+                print(failure, file=sys.stderr)
+                rows.append(
+                    {"batch": batch_size, "context": context, "failed": failure}
+                )
     return rows
+
+
+def _decode_case(bench: Bench, batch_size: int, context: int) -> dict:
+    lens, qlens = [context] * batch_size, [1] * batch_size
+    b = bench.batch(lens, qlens)
+    elem = torch.finfo(bench.dtype).bits // 8
+    kv_bytes = 2 * batch_size * context * bench.num_kv_heads * bench.head_dim
+    floor_bytes = (kv_bytes + 2 * batch_size * bench.num_heads * bench.head_dim) * elem
+    config = choose_decode_config(
+        batch_size,
+        bench.num_kv_heads,
+        context,
+        bench.head_dim,
+        bench.dtype,
+        bench.device,
+    )
+    rec = {
+        "batch": batch_size,
+        "context": context,
+        "config": vars(config),
+        "floor_bytes": floor_bytes,
+        "floor_us": bench.us_at_copy_bw(floor_bytes),
+        "eager": eager(lambda: _attention(b), bench.device),
+    }
+    # Distinct blocks per graph call while a call would otherwise run from L2.
+    sets = max(1, min(GRAPH_CALLS, math.ceil(3 * L2_BYTES / floor_bytes)))
+    shift = bench.num_blocks // sets
+    calls = [bench.batch(lens, qlens, shift * i) for i in range(sets)]
+    calls = [lambda c=c: _attention(c) for c in calls]
+    rec["graph"] = bench.timer.per_call(calls * (GRAPH_CALLS // sets))
+    key = torch.randn(batch_size, bench.num_kv_heads, bench.head_dim)
+    key = key.to(device=bench.device, dtype=bench.dtype)
+    slots = torch.arange(batch_size, device=bench.device) * context
+    rec["kv_write"] = eager(
+        lambda: write_kv_triton(bench.key_cache, bench.value_cache, key, key, slots),
+        bench.device,
+    )
+    rec.update(_baseline(bench, b, lens, qlens, graph=True))
+    return rec
 
 
 def _baseline(bench: Bench, b: dict, lens, qlens, graph: bool) -> dict:
@@ -197,7 +200,7 @@ def prefill_cases(bench: Bench, matmul: dict) -> list[dict]:
             "flops": flops,
             "eager": t,
             "tflops": flops / (t["median_us"] * 1e6),
-            "matmul_tflops": matmul["tflops"],
+            "matmul_tflops": matmul.get("tflops", math.nan),
         }
         rec.update(_baseline(bench, b, lens, qlens, graph=False))
         if "sdpa_gathered_eager" in rec:
@@ -283,6 +286,11 @@ def print_table(result: dict) -> None:
         f"{'eager':>8} {'ratio':>6} {'sdpa':>8} {'write':>7}"
     )
     for r in result["decode"]:
+        if "failed" in r:
+            print(
+                f"{r['batch']:>4} {r['context']:>5} failed: {r['failed'].splitlines()[-1]}"
+            )
+            continue
         graph = (r["graph"] or {}).get("per_call_us", math.nan)
         eager_us = r["eager"]["median_us"]
         sdpa = r.get("sdpa_gathered_graph") or {}
@@ -303,21 +311,21 @@ def print_table(result: dict) -> None:
             f"{r['tflops']:>6.0f} TFLOP/s {share:>5.0%} of {r['matmul_tflops']:.0f}; "
             f"sdpa {r.get('sdpa_tflops', math.nan):.0f} TFLOP/s"
         )
-    best: dict = {}
+    by_shape: dict = {}
     for r in result["sweep"]:
-        if "eager" not in r:
-            print(f"sweep {r['kernel']} {r['config']} failed: {r['failed']}")
-            continue
-        shape = (r["kernel"], r.get("batch"), r.get("context"), r.get("length"))
-        us = r["eager"]["median_us"]
-        if shape not in best or us < best[shape][0]:
-            best[shape] = (us, r["config"])
-        if r["default"]:
-            best.setdefault(("default",) + shape, (us, r["config"]))
-    for shape, (us, config) in best.items():
-        if shape[0] != "default":
-            default = best.get(("default",) + shape, (math.nan, None))[0]
-            print(f"sweep {shape}: best {us:.1f} us {config}; default {default:.1f} us")
+        key = (r["kernel"], r.get("batch"), r.get("context"), r.get("length"))
+        by_shape.setdefault(key, []).append(r)
+    for key, rows in by_shape.items():
+        timed = sorted(
+            (r for r in rows if "eager" in r), key=lambda r: r["eager"]["median_us"]
+        )
+        default = [r["eager"]["median_us"] for r in timed if r["default"]] or [math.nan]
+        failed = len(rows) - len(timed)
+        if timed:
+            print(
+                f"sweep {key}: best {timed[0]['eager']['median_us']:.1f} us "
+                f"{timed[0]['config']}, default {default[0]:.1f} us, {failed} failed"
+            )
     for error in result["errors"]:
         print(f"ERROR in {error['section']}: {error['traceback'].splitlines()[-1]}")
 
@@ -361,14 +369,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     if bench.timer.enabled:
         info["graph_replay_one_trivial"] = bench.timer.replay_one_trivial
-    result = {
-        "info": info,
-        "decode": [],
-        "prefill": [],
-        "matmul": {},
-        "sweep": [],
-        "errors": [],
-    }
+    result = {"info": info, "matmul": {}}
+    result.update({key: [] for key in ("decode", "prefill", "sweep", "errors")})
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "bench_attention.json"
     sections = [
