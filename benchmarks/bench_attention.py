@@ -234,7 +234,7 @@ def sweep(bench: Bench) -> list[dict]:
         )
         # the split count is a runtime value: its variants cost no compile
         configs = {
-            (base.block_n, base.num_splits, w, s) for w in (4, 8) for s in (2, 3)
+            (base.block_n, base.num_splits, w, s) for w in (4, 8) for s in (2, 3, 5)
         }
         configs |= {(n, base.num_splits, 4, 3) for n in (32, 128)}
         if batch_size < 32:
