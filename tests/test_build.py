@@ -245,3 +245,46 @@ def test_serve_settings_take_quantization():
     assert load_settings({}, {}).quantization == "none"
     with pytest.raises(ValueError):
         load_settings({"quantization": "int4"}, {})
+
+
+@pytest.mark.gpu
+def test_gpu_build_records_the_card_and_serves_what_quantizing_at_load_serves(
+    tiny_models, tmp_path
+):
+    from loraplex.platform import SamplingParams
+
+    def run_to_completion(engine, requests):
+        for request_id, (prompt, params, slot) in requests.items():
+            engine.add_request(request_id, prompt, params, slot)
+        tokens = {request_id: [] for request_id in requests}
+        while engine.has_unfinished_requests:
+            for out in engine.step():
+                tokens[out.request_id].extend(out.new_token_ids)
+        return tokens
+
+    greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    checkpoint, out = tiny_models["llama3.1"], tmp_path / "engine"
+    options = BuildOptions(
+        checkpoint, out, dtype="bfloat16", device="cuda", max_num_seqs=8, progress=False
+    )
+    gpu = build_engine(options)["gpu"]
+    assert gpu["capability"] == list(torch.cuda.get_device_capability())
+    assert gpu["name"] == torch.cuda.get_device_name() and gpu["cuda"]
+    gen = torch.Generator().manual_seed(4)
+    requests = {
+        f"r{i}": (torch.randint(0, 256, (n,), generator=gen).tolist(), greedy, None)
+        for i, n in enumerate([3, 40, 200, 7])
+    }
+    loaded = Engine(EngineConfig(model=str(out), device="cuda", max_loras=0))
+    assert loaded.dtype == torch.bfloat16 and loaded.config.max_num_seqs == 8
+    at_load = Engine(
+        EngineConfig(
+            model=str(checkpoint),
+            device="cuda",
+            dtype="bfloat16",
+            quantization="fp8",
+            max_num_seqs=8,
+            max_loras=0,
+        )
+    )
+    assert run_to_completion(loaded, requests) == run_to_completion(at_load, requests)
