@@ -150,6 +150,8 @@ def fp8_linear(
         return fp8_linear_reference(x, weight_q, weight_scales, bias, x.dtype)
     from . import dispatch, gemm, quant
 
+    if x.stride(-1) != 1:
+        x = x.contiguous()
     if choice is None:
         (m, k), n = x.shape, weight_q.shape[0]
         triton_only = backend == "triton" or not x.is_cuda
