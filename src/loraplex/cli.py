@@ -210,7 +210,10 @@ def _serve(args: argparse.Namespace) -> int:
         demo = build_demo(_demo_dir(), log=lambda m: print(m, file=sys.stderr))
         model = demo.model
     try:
-        server = serve.build_server(settings, model)
+        if settings.uses_replicas:
+            server = _replica_server(settings, model)
+        else:
+            server = serve.build_server(settings, model)
     except Exception as exc:  # noqa: BLE001 - a startup error ends the command with its reason
         print(f"loraplex serve: {exc}", file=sys.stderr)
         return 1
@@ -221,6 +224,18 @@ def _serve(args: argparse.Namespace) -> int:
     print("\n".join(lines), flush=True)
     serve.run(server)
     return 0
+
+
+def _replica_server(settings, model: Path):
+    try:
+        from loraplex.replicas import build_replica_server
+    except ImportError as exc:  # Ray is the `ray` extra, not a dependency
+        raise RuntimeError(
+            f"--replicas needs Ray Serve: pip install 'loraplex[ray]' ({exc})"
+        ) from None
+    return build_replica_server(
+        settings, model, say=lambda m: print(m, file=sys.stderr)
+    )
 
 
 def _adapters(args: argparse.Namespace) -> int:

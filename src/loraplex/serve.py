@@ -34,7 +34,7 @@ from loraplex.admin_ui import AdminUiState, mount_admin_ui
 from loraplex.api import ApiConfig, ApiState, EngineClient, TextProcessor, create_app
 from loraplex.api.metrics import ApiMetrics
 from loraplex.api.registry_bridge import RegistryAuthenticator, RegistryResolver
-from loraplex.platform import Engine, EngineConfig, EngineThread
+from loraplex.platform import Engine, EngineConfig, EngineThread, ModelSpec
 
 from .serve_settings import ServeSettings
 
@@ -50,7 +50,7 @@ class Server:
     state: ApiState
     app: object
     services: RegistryServices
-    engine_thread: EngineThread
+    engine_thread: EngineThread | None  # None: the engines are Ray Serve replicas
     banner: list[str]
     stop_collector: threading.Event = field(default_factory=threading.Event)
 
@@ -68,7 +68,8 @@ class Server:
 
     def close(self) -> None:
         self.stop_collector.set()
-        self.engine_thread.stop()
+        if self.engine_thread is not None:
+            self.engine_thread.stop()
         self.services.pool.close()
         self.services.registry.close()
 
@@ -82,31 +83,11 @@ def build_server(
 
     tokenizer = AutoTokenizer.from_pretrained(str(model), local_files_only=True)
     engine = Engine(
-        EngineConfig(
-            model=str(model),
-            dtype=settings.dtype,
-            device=settings.device,
-            max_num_seqs=settings.max_num_seqs,
-            max_model_len=settings.max_model_len,
-            max_loras=settings.max_loras,
-            max_lora_rank=settings.max_lora_rank,
-            quantization=settings.quantization,
-            enable_prefix_caching=settings.enable_prefix_caching,
-        ),
-        tokenizer=tokenizer.backend_tokenizer,
+        engine_config(settings, model), tokenizer=tokenizer.backend_tokenizer
     )
     thread = EngineThread(engine).start()
-    registry = AdapterRegistry(
-        RegistryConfig(
-            data_dir=settings.data_dir,
-            max_lora_rank=engine.config.max_lora_rank,  # an engine directory's, maybe
-            limits=UploadLimits(
-                max_upload_bytes=settings.max_upload_bytes,
-                max_weights_bytes=settings.max_upload_bytes,
-            ),
-        ),
-        engine.spec,
-    )
+    # An engine directory's max_lora_rank, maybe, rather than the settings'.
+    registry = open_registry(settings, engine.spec, engine.config.max_lora_rank)
     pool = registry.make_pool(
         PoolConfig(
             max_loras=settings.max_loras,
@@ -117,21 +98,15 @@ def build_server(
         EngineThreadSlotWriter(thread),
     )
     services = RegistryServices(registry, pool)
-    admin = AdminKeyStore(settings.data_dir)
-    admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
-    generated = admin.ensure(admin_key)
+    admin, generated = admin_keys(settings)
     name = settings.served_model_name or Path(model).name
     resolver = RegistryResolver(registry, pool)
     metrics = ApiMetrics(name)
     metrics.watch_engine(thread.stats, resolver.slot_names, settings.max_loras)
     metrics.watch_pool(pool)
     state = ApiState(
-        config=ApiConfig(
-            served_model_name=name,
-            max_model_len=engine.max_model_len,
-            max_num_seqs=engine.config.max_num_seqs,
-            max_queued_requests=settings.max_queued_requests,
-            share_base_prefix_across_tenants=settings.share_base_prefix_across_tenants,
+        config=api_config(
+            settings, name, engine.max_model_len, engine.config.max_num_seqs
         ),
         client=EngineClient(thread),
         text=TextProcessor(tokenizer),
@@ -162,6 +137,58 @@ def build_server(
     server = Server(settings, state, app, services, thread, banner)
     server.start_collector()
     return server
+
+
+def engine_config(settings: ServeSettings, model: Path) -> EngineConfig:
+    """The engine's options from the settings (engine replicas build theirs with it too)."""
+    return EngineConfig(
+        model=str(model),
+        dtype=settings.dtype,
+        device=settings.device,
+        max_num_seqs=settings.max_num_seqs,
+        max_model_len=settings.max_model_len,
+        max_loras=settings.max_loras,
+        max_lora_rank=settings.max_lora_rank,
+        quantization=settings.quantization,
+        enable_prefix_caching=settings.enable_prefix_caching,
+    )
+
+
+def open_registry(
+    settings: ServeSettings, spec: ModelSpec, max_lora_rank: int
+) -> AdapterRegistry:
+    """The registry of `settings.data_dir`, accepting adapters that fit `spec`."""
+    return AdapterRegistry(
+        RegistryConfig(
+            data_dir=settings.data_dir,
+            max_lora_rank=max_lora_rank,
+            limits=UploadLimits(
+                max_upload_bytes=settings.max_upload_bytes,
+                max_weights_bytes=settings.max_upload_bytes,
+            ),
+        ),
+        spec,
+    )
+
+
+def admin_keys(settings: ServeSettings) -> tuple[AdminKeyStore, str | None]:
+    """The admin key store, and the key generated at first start (None otherwise)."""
+    admin = AdminKeyStore(settings.data_dir)
+    admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
+    return admin, admin.ensure(admin_key)
+
+
+def api_config(
+    settings: ServeSettings, name: str, max_model_len: int, max_num_seqs: int
+) -> ApiConfig:
+    """The HTTP API's limits; `max_num_seqs`: requests that run at once, all engines."""
+    return ApiConfig(
+        served_model_name=name,
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        max_queued_requests=settings.max_queued_requests,
+        share_base_prefix_across_tenants=settings.share_base_prefix_across_tenants,
+    )
 
 
 def bootstrap_demo(server: Server, adapters: dict[str, Path]) -> str:

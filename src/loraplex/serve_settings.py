@@ -5,10 +5,11 @@ Part of the composition root with cli.py: nothing below it reads flags or enviro
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -90,6 +91,29 @@ class ServeSettings(BaseSettings):
         "(an engine directory of loraplex build is FP8 already)",
     )
     device: str = Field(default="auto", description="cpu, cuda, cuda:N or auto")
+    replicas: int = Field(
+        default=0,
+        ge=0,
+        description="engine replicas under Ray Serve, routed by adapter "
+        "(0: one engine in this process)",
+    )
+    replica_autoscaling: dict[str, Any] | None = Field(
+        default=None,
+        description="Ray Serve autoscaling_config as JSON, e.g. "
+        '{"min_replicas": 1, "max_replicas": 4}; Ray then decides the replica count',
+    )
+    ray_address: str | None = Field(
+        default=None,
+        description="the Ray cluster of the replicas (auto: the one started on this "
+        "host with ray start; default: a new local one)",
+    )
+    gpus_per_replica: float | None = Field(
+        default=None,
+        ge=0,
+        description="GPUs per replica (unset: 1 if the Ray cluster has GPUs and "
+        "--device is not cpu, else 0)",
+    )
+    cpus_per_replica: float = Field(default=1.0, ge=0, description="CPUs per replica")
     admin_key: SecretStr | None = Field(
         default=None,
         description="the admin API key (default: generated at first start)",
@@ -97,6 +121,30 @@ class ServeSettings(BaseSettings):
     config: Path | None = Field(
         default=None, description="a TOML, YAML or JSON file of options"
     )
+
+    @field_validator("replica_autoscaling", mode="before")
+    @classmethod
+    def _json_object(cls, value: Any) -> Any:
+        # Flags and environment variables give JSON text; config files give a table.
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_replica_count(self) -> ServeSettings:
+        if self.replicas and self.replica_autoscaling:
+            raise ValueError(
+                "give --replicas (a fixed count) or --replica-autoscaling, not both"
+            )
+        return self
+
+    @property
+    def uses_replicas(self) -> bool:
+        """Whether engines run as Ray Serve replicas rather than in this process."""
+        return self.replicas > 0 or self.replica_autoscaling is not None
 
     @classmethod
     def settings_customise_sources(
