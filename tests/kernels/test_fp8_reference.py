@@ -10,6 +10,7 @@ from loraplex.kernels.fp8 import (
     dequantize_reference,
     fp8_linear_reference,
     quantize_per_channel_reference,
+    quantize_per_token_reference,
 )
 
 
@@ -39,3 +40,25 @@ def test_all_zero_rows_stay_finite():
     q, scales = quantize_per_channel_reference(torch.zeros(2, 8))
     assert torch.isfinite(dequantize_reference(q, scales)).all()
     assert torch.equal(dequantize_reference(q, scales), torch.zeros(2, 8))
+
+
+def test_per_token_quantization_is_float64_math_rounded_to_the_nearest_e4m3():
+    """s = max|x| / 448 (float32 of the float64 quotient), q = the e4m3 value nearest x / s."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(32, 200, generator=gen) * torch.logspace(-4, 4, 32)[:, None]
+    q, scales = quantize_per_token_reference(x)
+    x64 = x.double()
+    expected_scales = x64.abs().amax(dim=1, keepdim=True) / FP8_MAX
+    assert torch.equal(scales, expected_scales.float())
+    grid = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).double()
+    grid = grid[torch.isfinite(grid)].unique()  # sorted, ±448 at the ends
+    target = (x64 / scales.double()).flatten()
+    upper = torch.searchsorted(grid, target).clamp(1, len(grid) - 1)
+    nearest = torch.minimum(
+        (grid[upper] - target).abs(), (grid[upper - 1] - target).abs()
+    )
+    error = (q.double().flatten() - target).abs()
+    assert torch.all(error <= nearest * (1 + 1e-12) + 1e-300)
+    assert torch.all(
+        q.double().abs().amax(dim=1) == FP8_MAX
+    )  # each row's largest hits 448
