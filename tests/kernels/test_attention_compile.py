@@ -61,7 +61,12 @@ def _compile_for_sm90(kernel, args, kwargs):
         if isinstance(value, torch.Tensor):
             signature[name] = "*" + TYPES[value.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]  # torch's allocations are aligned
-        elif kernel.params[i].is_constexpr or value == 1:  # ints equal to 1 specialise
+        elif kernel.params[i].is_constexpr:
+            signature[name] = "constexpr"
+            constants[name] = value
+        elif isinstance(value, int) and kernel.params[i].do_not_specialize:
+            signature[name] = "i32"
+        elif value == 1:  # other ints equal to 1 specialise
             signature[name] = "constexpr"
             constants[name] = value
         elif isinstance(value, int):

@@ -28,7 +28,9 @@ from ._tiles import kv_offsets, softmax_step
 MAX_SPLITS = 64
 
 
-@triton.jit
+# Ints that change from step to step are not specialised (== 1, multiple of 16), so that
+# a new batch never waits for a recompile.
+@triton.jit(do_not_specialize=["stride_table_seq"])
 def paged_decode_kernel(
     q_ptr,
     k_cache_ptr,
@@ -145,7 +147,7 @@ def paged_decode_kernel(
         tl.store(part_lse_ptr + part, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def combine_splits_kernel(
     part_out_ptr,
     part_lse_ptr,

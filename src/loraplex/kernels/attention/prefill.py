@@ -89,7 +89,9 @@ def _attend_tiles(
     return acc, m, denom
 
 
-@triton.jit
+# Ints that change from step to step are not specialised (== 1, multiple of 16), so that
+# a new batch never waits for a recompile.
+@triton.jit(do_not_specialize=["num_seqs", "stride_table_seq"])
 def paged_prefill_kernel(
     q_ptr,
     k_cache_ptr,
