@@ -182,3 +182,98 @@ def test_the_replica_checks_the_registry_sha256(ray_cluster, demo_assets):
     tampered = AdapterSource("7", digest, ray.put((files[0], files[1][:-1] + b"!")))
     with pytest.raises(AdapterCorrupt, match="not the registry's"):
         fetch_verified(tampered, "test")
+
+
+def _kill_replica(replica_id: str) -> None:
+    """Kill a replica's actor the way a crash would (Ray Serve starts a new one)."""
+    names = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("SERVE_REPLICA::") and a["name"].endswith(replica_id)
+    ]
+    assert len(names) == 1, names
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+
+
+def _retryable(r: httpx.Response) -> bool:
+    error = r.json()["error"]
+    return (
+        r.status_code == 503
+        and int(r.headers["retry-after"]) >= 1
+        and error["type"] == "service_unavailable"
+    )
+
+
+def test_a_killed_replica_fails_only_its_calls_and_the_rest_keeps_serving(
+    fleet, models, expected
+):
+    url, server, headers = fleet
+    adapters = [m for m in models if m != BASE]
+    long = {"max_tokens": 400, "ignore_eos": True}
+    outcomes: dict[int, str] = {}  # stream index → "done" or the error event
+    replicas: dict[int, str] = {}
+    started = {i: asyncio.Event() for i in range(len(adapters) * 2)}
+
+    async def stream(client, i, model):
+        body = chat_body(model, PROMPTS[1], stream=True, **long)
+        async with client.stream(
+            "POST", f"{url}/v1/chat/completions", json=body, headers=headers
+        ) as r:
+            assert r.status_code == 200
+            replicas[i] = r.headers["x-loraplex-replica"]
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                started[i].set()
+                if line == "data: [DONE]":
+                    outcomes[i] = "done"
+                elif "error" in json.loads(line[6:]):
+                    outcomes[i] = json.loads(line[6:])["error"]
+
+    async def main():
+        async with httpx.AsyncClient(timeout=120) as client:
+            tasks = [
+                asyncio.create_task(stream(client, i, adapters[i % len(adapters)]))
+                for i in started
+            ]
+            for event in started.values():
+                await asyncio.wait_for(event.wait(), 60)
+            victim = replicas[0]
+            # A non-streaming call to the victim's adapter, in flight during the kill.
+            blocking = asyncio.create_task(
+                _chat(client, url, headers, adapters[0], PROMPTS[2], **long)
+            )
+            await asyncio.sleep(0.3)
+            _kill_replica(victim)
+            await asyncio.gather(*tasks)
+            return victim, await blocking
+
+    victim, blocking = asyncio.run(main())
+    assert len(set(replicas.values())) == 2  # calls were running on both replicas
+    for i, outcome in outcomes.items():
+        if replicas[i] == victim:  # ended with the one error shape, retryable
+            assert outcome["type"] == "service_unavailable", outcome
+            assert outcome["code"] == "engine_unavailable", outcome
+        else:
+            assert outcome == "done", (i, outcome)
+    assert len(outcomes) == len(started)
+    assert blocking.status_code == 200 or _retryable(blocking), blocking.text
+
+    # Every model keeps answering, right, with nothing but retryable errors meanwhile.
+    async def after():
+        async with httpx.AsyncClient() as client:
+            for model in models:
+                for _ in range(20):
+                    r = await _chat(client, url, headers, model, PROMPTS[0])
+                    if r.status_code == 200:
+                        break
+                    assert _retryable(r), r.text
+                    await asyncio.sleep(0.5)
+                assert r.status_code == 200
+                text = r.json()["choices"][0]["message"]["content"]
+                assert text == expected[model, PROMPTS[0]]
+
+    asyncio.run(after())
+    assert server.view.wait_for(2, timeout_s=60)  # Ray Serve started a new replica
+    alive = {r.replica_id for r in server.view.reports()}
+    assert victim not in alive

@@ -110,15 +110,13 @@ def build_front(
 
     tokenizer = AutoTokenizer.from_pretrained(str(model), local_files_only=True)
     registry = open_registry(settings, facts.spec, facts.max_lora_rank)
-    resolver = ReplicaResolver(
-        registry, AdapterPayloads(registry, settings.max_cpu_loras)
-    )
     pool = FleetPool(
         view,
-        resolver,
+        AdapterPayloads(registry, settings.max_cpu_loras),
         handle,
         PoolConfig(max_loras=facts.max_loras, max_cpu_loras=settings.max_cpu_loras),
     )
+    resolver = ReplicaResolver(registry, pool)
     services = RegistryServices(registry, pool)
     admin, generated = admin_keys(settings)
     name = settings.served_model_name or Path(model).name

@@ -95,12 +95,14 @@ class ReplicaLease:
 
 
 class ReplicaResolver(RegistryResolver):
-    """RegistryResolver whose leases carry object-store sources instead of local slots."""
+    """RegistryResolver over a FleetPool: leases carry object-store sources, not slots."""
 
-    def __init__(self, registry: AdapterRegistry, payloads: AdapterPayloads) -> None:
-        super().__init__(registry, pool=None)
-        self.payloads = payloads
-        self.in_flight: Counter[int] = Counter()  # adapter id → calls using it now
+    pool: FleetPool
+
+    def __init__(self, registry: AdapterRegistry, pool: FleetPool) -> None:
+        super().__init__(registry, pool)  # the AdapterPool surface it reads
+        self.payloads = pool.payloads
+        self.in_flight = pool.in_flight
 
     async def acquire(self, principal: Principal, name: str) -> ReplicaLease | None:
         """None when the caller has no such adapter (another tenant's reads the same).
@@ -124,6 +126,15 @@ class ReplicaResolver(RegistryResolver):
             lease.release()
             raise
         return lease
+
+    def room(self) -> tuple[int, int]:
+        """Free device slots and idle resident ones, summed over the replicas."""
+        free = idle = 0
+        for report in self.pool.view.reports():
+            taken = sum(e.slot is not None for e in report.pool)
+            free += self.pool.per_replica.max_loras - taken
+            idle += sum(e.on_device and e.pins == 0 for e in report.pool)
+        return free, idle
 
     def slot_names(self, slots: Iterable[int]) -> list[str]:
         """Names of adapters by id: the replicas report adapter ids in place of slots."""
@@ -190,9 +201,11 @@ class FleetPool:
     """
 
     view: FleetView
-    resolver: ReplicaResolver
+    payloads: AdapterPayloads
     handle: object  # the engine deployment's DeploymentHandle
     per_replica: PoolConfig
+    # adapter id → calls at the front using it now (ReplicaResolver counts them)
+    in_flight: Counter = field(default_factory=Counter)
     _executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(
             2, thread_name_prefix="loraplex-fleet"
@@ -236,9 +249,18 @@ class FleetPool:
 
     def in_use(self, key: Hashable) -> bool:
         """A call at the front uses it, or a replica pins or loads it."""
-        if self.resolver.in_flight[int(key)] > 0:
+        if self.in_flight[int(key)] > 0:
             return True
         return any(e.key == key and (e.pins or e.loading) for e in self.snapshot())
+
+    def residency(self, key: Hashable) -> str:
+        """The best place any replica holds it: device, loading, host or disk."""
+        entries = [e for e in self.snapshot() if e.key == key]
+        if any(e.on_device for e in entries):
+            return "device"
+        if any(e.loading for e in entries):
+            return "loading"
+        return "host" if self.host.bytes_of(key) else "disk"
 
     def evict(self, key: Hashable) -> bool:
         if self.in_use(key):
@@ -269,5 +291,5 @@ class FleetPool:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _source(self, key: Hashable) -> AdapterSource:
-        registry = self.resolver.registry
-        return self.resolver.payloads.source(registry.catalog.get(int(key)))
+        registry = self.payloads.registry
+        return self.payloads.source(registry.catalog.get(int(key)))
