@@ -221,8 +221,8 @@ def _sweep_point(bench: Bench, fn, **record) -> dict:
 def sweep(bench: Bench) -> list[dict]:
     """Configs around the defaults; eager medians (L2 flushed)."""
     rows = []
-    decode = [(64, 640), (8, 4096), (1, 4096)] if not bench.smoke else [(2, 40)]
-    for batch_size, context in decode:
+    decode = ((64, 640), (32, 640), (8, 4096), (1, 4096))
+    for batch_size, context in ((2, 40),) if bench.smoke else decode:
         b = bench.batch([context] * batch_size, [1] * batch_size)
         base = choose_decode_config(
             batch_size,
