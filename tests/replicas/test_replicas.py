@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from collections import defaultdict
 
 import httpx
@@ -277,3 +278,54 @@ def test_a_killed_replica_fails_only_its_calls_and_the_rest_keeps_serving(
     assert server.view.wait_for(2, timeout_s=60)  # Ray Serve started a new replica
     alive = {r.replica_id for r in server.view.reports()}
     assert victim not in alive
+
+
+def test_the_importable_app_serves_through_ray_serves_proxy(
+    ray_cluster, demo_assets, expected, tmp_path
+):
+    """`serve run loraplex.replicas.app:build_app model=... replicas=1`, in-process."""
+    from ray import serve as ray_serve
+
+    from loraplex.replicas import build_app
+
+    options = make_settings(tmp_path / "data", replicas=1).model_dump()
+    options |= {"model": str(demo_assets.model), "admin_key": "admin-key"}
+    ray_serve.run(build_app(options), name="imported", route_prefix="/")
+    url = ray_cluster
+    try:
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{url}/readyz").status_code != 200:
+            assert time.monotonic() < deadline, httpx.get(f"{url}/readyz").text
+            time.sleep(0.5)
+        tenant = httpx.post(
+            f"{url}/admin/api/tenants", json={"name": "acme"}, headers=ADMIN
+        ).json()
+        key = httpx.post(
+            f"{url}/admin/api/tenants/{tenant['id']}/keys", json={}, headers=ADMIN
+        ).json()["key"]
+        headers = {"Authorization": f"Bearer {key}"}
+        name, directory = next(iter(demo_assets.adapters.items()))
+        files = {
+            part: (file, (directory / file).read_bytes())
+            for part, file in (
+                ("config", "adapter_config.json"),
+                ("weights", "adapter_model.safetensors"),
+            )
+        }
+        upload = httpx.post(
+            f"{url}/v1/adapters", data={"name": name}, files=files, headers=headers
+        )
+        assert upload.status_code == 201, upload.text
+        r = httpx.post(
+            f"{url}/v1/chat/completions",
+            json=chat_body(name, PROMPTS[0]),
+            headers=headers,
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        assert r.headers["x-loraplex-replica"]
+        assert (
+            r.json()["choices"][0]["message"]["content"] == expected[name, PROMPTS[0]]
+        )
+    finally:
+        ray_serve.delete("imported")
