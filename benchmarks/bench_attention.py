@@ -233,9 +233,8 @@ def sweep(bench: Bench) -> list[dict]:
             bench.device,
         )
         # the split count is a runtime value: its variants cost no compile
-        configs = {
-            (base.block_n, base.num_splits, w, s) for w in (4, 8) for s in (2, 3, 5)
-        }
+        warps_stages = ((4, 2), (4, 3), (4, 5), (8, 3))  # 5 stages: 2 K/V buffers
+        configs = {(base.block_n, base.num_splits, *ws) for ws in warps_stages}
         configs |= {(n, base.num_splits, 4, 3) for n in (32, 128)}
         if batch_size < 32:
             configs |= {(base.block_n, k, 4, 3) for k in (1, 2, 4, 8, 16, 32, 64)}
