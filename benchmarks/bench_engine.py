@@ -17,6 +17,7 @@ import dataclasses
 import datetime
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -164,6 +165,9 @@ def prefill_run(engine, length: int, fp8_tflops: float | None) -> dict:
 
 
 def git_commit() -> str:
+    """The commit measured: LORAPLEX_COMMIT when set (a GPU host's copy may lack .git)."""
+    if os.environ.get("LORAPLEX_COMMIT"):
+        return os.environ["LORAPLEX_COMMIT"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
