@@ -114,6 +114,7 @@ class ReplicaClient:
         self.num_active = 0  # touched on the event loop only
         self._ids = itertools.count()
         self._calls: set[_Call] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the API's, set by submit
 
     @property
     def alive(self) -> bool:
@@ -130,6 +131,7 @@ class ReplicaClient:
         :raises RegistryError: the replica could not load the adapter (PoolExhausted, ...).
         :raises ReplicaLost: no replica took the call in `attempts` tries.
         """
+        self._loop = asyncio.get_running_loop()
         lease = submissions[0].lease if submissions else None
         source = getattr(lease, "source", None)
         job = Job(
@@ -190,6 +192,8 @@ class ReplicaClient:
         self.view.post("forget_prefix", scope)
 
     def stop(self) -> None:
-        """Abort every call still running (the drain's last step)."""
+        """Abort every call still running (the drain's last step, from any thread)."""
+        if self._loop is None or self._loop.is_closed():
+            return
         for call in list(self._calls):
-            call.cancel()
+            self._loop.call_soon_threadsafe(call.cancel)

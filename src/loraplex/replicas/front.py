@@ -280,12 +280,17 @@ class FleetPool:
         return pinned
 
     def prefetch(self, key: Hashable, to: str = "device") -> Future:
-        """Load on one replica (the router's choice), in the background."""
+        """Load on one replica (the router's choice), in the background: reading the files
+        for the object store happens there too, never on the caller's thread."""
         if to not in ("device", "host"):
             raise ValueError("prefetch to 'device' or 'host'")
-        source = self._source(key)
-        call = self.handle.options(multiplexed_model_id=source.key)
-        return self._executor.submit(lambda: call.prefetch.remote(source, to).result())
+
+        def run() -> None:
+            source = self._source(key)
+            call = self.handle.options(multiplexed_model_id=source.key)
+            call.prefetch.remote(source, to).result()
+
+        return self._executor.submit(run)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
