@@ -82,6 +82,9 @@ def engine_options(settings: ServeSettings, num_gpus: float) -> dict[str, Any]:
         },
         "health_check_period_s": 2.0,
         "graceful_shutdown_timeout_s": settings.shutdown_timeout,
+        # A line per call in every replica's log, and on the CLI's terminal: the front's
+        # metrics count calls already.
+        "logging_config": {"enable_access_log": False},
     }
     if settings.replica_autoscaling is not None:
         options["autoscaling_config"] = settings.replica_autoscaling
