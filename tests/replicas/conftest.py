@@ -37,10 +37,11 @@ def serving(app, port: int):
         thread.join(10)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray cluster (4 logical CPUs on any machine: replicas take 1 each) and
-    Ray Serve with its HTTP proxy on a free port, for the importable application."""
+    Ray Serve with its HTTP proxy on a free port, for the importable application; shut
+    down after the module, so no Ray process outlives the tests that use it."""
     from ray import serve
 
     ray.init(
