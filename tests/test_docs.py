@@ -43,9 +43,10 @@ def test_every_metric_is_in_api_md():
     import re
 
     api_md = (DOCS / "api.md").read_text()
-    source = (
-        Path(__file__).resolve().parents[1] / "src/loraplex/api/metrics.py"
-    ).read_text()
+    api = Path(__file__).resolve().parents[1] / "src/loraplex/api"
+    source = "".join(
+        (api / name).read_text() for name in ("metrics.py", "admission_metrics.py")
+    )
     names = set(re.findall(r'"((?:vllm:|loraplex_)[a-z_:]+)"', source))
     assert len(names) >= 10
     missing = [n for n in names if n not in api_md]

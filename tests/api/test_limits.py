@@ -77,7 +77,7 @@ def test_queue_bound_503_and_tenant_limit_429_with_retry_after(small_app):
             )  # acme's one slot is taken
             same_tenant = await _post(c, {**LONG, "max_tokens": 1}, ACME)
             second = asyncio.create_task(_post(c, body, GLOBEX))  # fills the queue of 1
-            await _until(lambda: state.client.num_active == 2)
+            await _until(lambda: state.admission.stats().waiting == 1)
             admin = {"Authorization": "Bearer key-admin"}
             overflow = await _post(c, {**LONG, "max_tokens": 1}, admin)
             return same_tenant, overflow, await first, await second

@@ -265,6 +265,14 @@ class AdapterPool:
             busy = bool(entry and (entry.pins or entry.device_future))
         return busy or self.host.loading(key)
 
+    def residency(self, key: Hashable) -> str:
+        """Where `key` is: device, loading (into a slot), host or disk; never waits."""
+        with self._cond:
+            entry = self._entries.get(key)
+            if entry is not None and (entry.on_device or entry.device_future):
+                return "device" if entry.on_device else "loading"
+        return "host" if self.host.bytes_of(key) else "disk"
+
     def snapshot(self) -> list[EntryState]:
         """Every adapter the pool holds, most recently used on the device last."""
         with self._cond:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from loraplex.platform import (
     SamplingParams,
 )
 
+from .admission import ClientGone, Refused
 from .engine_client import OutputStream, Submission
 from .errors import ApiError
 from .generation import ChoiceResult, merge, run_until_disconnect
@@ -123,66 +126,106 @@ def prefix_scope(state: ApiState, principal: Principal, lease) -> PrefixScope:
 
 
 @asynccontextmanager
-async def admitted(state: ApiState, principal: Principal, model: str):
-    """Admission: queue bound, per-tenant concurrency, then the adapter's slot (pinned).
+async def admitted(
+    state: ApiState,
+    principal: Principal,
+    model: str,
+    seats: int = 1,
+    tokens: int = 0,
+    receive=None,
+):
+    """Admission: the engine is up, the adapter exists, a fair turn (api/admission.py), then
+    the adapter's slot (pinned).
 
+    :param seats: engine requests of the call (prompts x n); `tokens`: prompt + max_tokens of
+        them all, for the tenant's token rate; `receive`: the ASGI receive, to stop waiting
+        when the client leaves.
     Yields the call's Placement and its release function.
     """
     tenant = principal.label
-    config = state.config
     rejection = None
     if not state.client.alive:
         rejection = ("engine_down", 503, "the engine is not running", 5)
     elif state.draining:
         rejection = ("draining", 503, "the server is shutting down", 5)
-    elif state.client.num_active >= config.max_num_seqs + config.max_queued_requests:
-        rejection = (
-            "queue_full",
-            503,
-            "too many requests are queued; retry shortly",
-            1,
-        )
-    elif state.active_by_tenant[tenant] >= config.max_concurrent_per_tenant:
-        rejection = (
-            "tenant_limit",
-            429,
-            "too many concurrent requests for this key",
-            1,
-        )
     if rejection is not None:
         reason, status, message, retry_after = rejection
         state.metrics.rejections.labels(reason).inc()
         raise ApiError(status, message, retry_after=retry_after)
-    lease = None
+    key = None
     if model != state.config.served_model_name:
-        lease = await state.resolver.acquire(principal, model)
-        if lease is None:
-            raise ApiError(
-                404,
-                f"The model `{model}` does not exist.",
-                param="model",
-                code="model_not_found",
-            )
+        key = await _locate(state, principal, model)
     state.active_by_tenant[tenant] += 1
-    released = False
+    ticket = lease = None
 
     def release() -> (
         None
-    ):  # idempotent: the stream's cleanup and error paths may both call it
-        nonlocal released
-        if not released:
-            released = True
-            if lease is not None:
-                lease.release()
+    ):  # idempotent: the stream's cleanup and error paths may both call
+        nonlocal ticket, lease
+        if lease is not None:
+            lease, done = None, lease
+            done.release()
+        if ticket is not None:
+            ticket, done = None, ticket
+            done.release()
             state.active_by_tenant[tenant] -= 1
 
     try:
+        ticket = await _turn(state, tenant, key, seats, tokens, receive)
+        if key is not None:
+            started = time.monotonic()
+            lease = await state.resolver.acquire(principal, model)
+            ticket.loaded(time.monotonic() - started)
+            if lease is None:
+                raise _not_found(model)
         slot = lease.slot if lease is not None else None
         scope = prefix_scope(state, principal, lease)
         yield Placement(slot, scope, lease), release
     except BaseException:
+        if ticket is None:
+            state.active_by_tenant[tenant] -= 1
         release()
         raise
+
+
+def _not_found(model: str) -> ApiError:
+    return ApiError(
+        404,
+        f"The model `{model}` does not exist.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+async def _locate(state: ApiState, principal: Principal, model: str):
+    """The adapter's key for admission; 404 before any wait when the caller has none. A
+    resolver that cannot locate gets the name back (and its acquire answers the 404)."""
+    locate = getattr(state.resolver, "locate", None)
+    if locate is None:
+        return model
+    key = await asyncio.to_thread(locate, principal, model)
+    if key is None:
+        raise _not_found(model)
+    return key
+
+
+async def _turn(state: ApiState, tenant: str, key, seats: int, tokens: int, receive):
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    try:
+        return await state.admission.admit(
+            tenant, key, seats, tokens, disconnected if receive else None
+        )
+    except Refused as exc:
+        state.metrics.rejections.labels(exc.reason).inc()
+        raise ApiError(
+            exc.status, str(exc), code=exc.code, retry_after=exc.retry_after
+        ) from None
+    except ClientGone:
+        # Nobody reads this answer; 499 is the status proxies log for it.
+        raise ApiError(499, "the client closed the request while it waited") from None
 
 
 async def submit(

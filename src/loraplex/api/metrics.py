@@ -22,6 +22,8 @@ from prometheus_client.registry import Collector
 
 from loraplex.platform import EngineStats, RequestOutput
 
+from .admission_metrics import AdmissionCollector
+
 _LATENCY_BUCKETS = (
     0.001,
     0.005,
@@ -54,11 +56,13 @@ class _EngineCollector(Collector):
         stats: Callable[[], EngineStats],
         slot_names: Callable[[Iterable[int]], list[str]],
         max_loras: int,
+        queued: Callable[[], int] = lambda: 0,
     ):
         self.model_name = model_name
         self.stats = stats
         self.slot_names = slot_names
         self.max_loras = max_loras
+        self.queued = queued  # calls waiting in admission, before the engine
 
     def collect(self) -> Iterable[Metric]:
         stats = self.stats()
@@ -71,8 +75,8 @@ class _EngineCollector(Collector):
             ),
             (
                 "vllm:num_requests_waiting",
-                stats.num_waiting,
-                "Requests waiting to run.",
+                stats.num_waiting + self.queued(),
+                "Requests waiting to run (in admission or in the engine).",
             ),
             (
                 "vllm:kv_cache_usage_perc",
@@ -298,6 +302,14 @@ class ApiMetrics:
         )
         self.tenant_cache = _TenantCacheCollector()
         self.registry.register(self.tenant_cache)
+        self.admission_wait = Histogram(
+            "loraplex_admission_wait_seconds",
+            "Time from arrival to admission, by where the adapter was (base: none).",
+            ["residency"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._admission = None  # the collector of the admission being exported
 
     def watch_pool(self, pool) -> None:
         """Export the adapter pool's state and counters (an AdapterPool)."""
@@ -309,9 +321,22 @@ class ApiMetrics:
         slot_names: Callable[[Iterable[int]], list[str]],
         max_loras: int,
     ) -> None:
+        queued = self._admission_waiting
         self.registry.register(
-            _EngineCollector(self.model_name, stats, slot_names, max_loras)
+            _EngineCollector(self.model_name, stats, slot_names, max_loras, queued)
         )
+
+    def watch_admission(self, admission) -> None:
+        """Export an Admission's series; a later one (a rebuilt ApiState) replaces it."""
+        if self._admission is not None:
+            self.registry.unregister(self._admission)
+        self._admission = AdmissionCollector(admission)
+        self.registry.register(self._admission)
+        wait = self.admission_wait
+        admission.waits.append(lambda where, s: wait.labels(where).observe(s))
+
+    def _admission_waiting(self) -> int:
+        return self._admission.admission.stats().waiting if self._admission else 0
 
     def timer(self, tenant: str, model: str) -> RequestTimer:
         self.tenant_requests.labels(tenant, model).inc()

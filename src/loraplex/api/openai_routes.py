@@ -129,7 +129,9 @@ async def create_completion(
             "finish_reason": reason,
         }
 
-    async with admitted(state, principal, body.model) as (placement, release):
+    tokens = sum(len(p) + sp.max_tokens for (p, _), sp in zip(fan, params, strict=True))
+    turn = admitted(state, principal, body.model, len(fan), tokens, request.receive)
+    async with turn as (placement, release):
         streams = await submit(state, "cmpl", [p for p, _ in fan], params, placement)
         if body.stream:
             include_usage = bool(
@@ -223,7 +225,9 @@ async def create_chat_completion(
             else None
         )
 
-    async with admitted(state, principal, body.model) as (placement, release):
+    tokens = len(fan) * (len(prompt) + max_tokens)
+    turn = admitted(state, principal, body.model, len(fan), tokens, request.receive)
+    async with turn as (placement, release):
         streams = await submit(state, "chat", [p for p, _ in fan], params, placement)
         if body.stream:
             include_usage = bool(

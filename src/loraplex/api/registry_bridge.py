@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ from loraplex.adapters_registry import (
     AdapterRegistry,
     AdminKeyStore,
     NameInvalid,
+    RegistryError,
 )
 
 from .state import Principal
@@ -76,6 +78,33 @@ class RegistryResolver:
             lease.release()
             raise
         return lease
+
+    def locate(self, principal: Principal, name: str) -> int | None:
+        """The id of the version `acquire` would pin, or None when it would answer None.
+
+        :raises AdapterNotReady: the caller's adapter exists but no version is servable.
+        """
+        if principal.tenant_id is None:
+            return None
+        try:
+            return self.registry.resolve(principal.tenant_id, name).id
+        except (AdapterNotFound, NameInvalid):
+            return None
+
+    # Residency, for admission (api/admission.py).
+    def residency(self, key: int) -> str:
+        return self.pool.residency(key)
+
+    def room(self) -> tuple[int, int]:
+        entries = self.pool.snapshot()
+        taken = sum(e.slot is not None for e in entries)
+        idle = sum(e.on_device and e.pins == 0 for e in entries)
+        return self.pool.config.max_loras - taken, idle
+
+    def prefetch(self, key: int, to: str) -> None:
+        # A failed load surfaces when a request acquires the adapter; nothing waits here.
+        with contextlib.suppress(RegistryError):
+            self.pool.prefetch(key, to)
 
     def names(self, principal: Principal) -> list[str]:
         if principal.tenant_id is None:

@@ -10,6 +10,8 @@ from typing import Any, Protocol
 
 from fastapi import Request
 
+from .admission import Admission
+from .admission_types import AdmissionConfig, AllResident
 from .engine_client import InferenceClient
 from .metrics import ApiMetrics
 from .text import TextProcessor
@@ -23,7 +25,11 @@ class ApiConfig:
     max_model_len: int
     max_num_seqs: int = 64
     max_queued_requests: int = 256
-    max_concurrent_per_tenant: int = 64
+    max_concurrent_per_tenant: int = 64  # calls running or waiting, per tenant
+    tenant_token_rate: float = 0.0  # prompt + max_tokens per second (0: no limit)
+    tenant_token_burst: int = 0  # tokens a tenant may save up (0: ten seconds' worth)
+    adapter_wait_s: float = 10.0  # a call waits this long for an adapter slot, then 503
+    max_adapter_bypass: int = 16  # calls that may start ahead of one waiting for a slot
     max_n: int = 8
     max_logprobs: int = 20
     max_stop: int = 16
@@ -91,6 +97,27 @@ class ApiState:
     started_at: float = field(default_factory=time.time)
     active_by_tenant: Counter[str] = field(default_factory=Counter)
     draining: bool = False
+    # Built from config and resolver (so dataclasses.replace builds a new one).
+    admission: Admission = field(init=False)
+
+    def __post_init__(self) -> None:
+        c = self.config
+        admission = AdmissionConfig(
+            seats=c.max_num_seqs,
+            max_queued=c.max_queued_requests,
+            max_per_tenant=c.max_concurrent_per_tenant,
+            tenant_token_rate=c.tenant_token_rate,
+            tenant_token_burst=c.tenant_token_burst,
+            max_bypass=c.max_adapter_bypass,
+            adapter_wait_s=c.adapter_wait_s,
+        )
+        knows_residency = all(
+            hasattr(self.resolver, name) for name in ("residency", "room", "prefetch")
+        )
+        residency = self.resolver if knows_residency else AllResident()
+        self.admission = Admission(admission, residency)
+        if self.metrics is not None:
+            self.metrics.watch_admission(self.admission)
 
 
 def get_state(request: Request) -> ApiState:

@@ -1,0 +1,144 @@
+"""What admission is made of: its config, the residency it asks, its refusals, its tickets,
+the tenants' token buckets and the running estimates behind the expected wait."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .admission import Admission
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """Limits of admission; zero token rate means no token limit."""
+
+    seats: int = 64  # engine requests admitted at once (max_num_seqs)
+    max_queued: int = 256  # calls waiting beyond the seats before 503
+    max_per_tenant: int = 64  # a tenant's calls admitted or waiting at once (429)
+    tenant_token_rate: float = 0.0  # prompt + max_tokens per second per tenant
+    tenant_token_burst: int = 0  # bucket size; 0 = ten seconds of the rate
+    max_bypass: int = 16  # times a call waiting for a slot may be overtaken
+    adapter_wait_s: float = 10.0  # how long a call waits for a slot before 503
+
+
+class AdapterResidency(Protocol):
+    """Where adapters are, as admission sees it (the registry's pool implements it)."""
+
+    def residency(self, key: Hashable) -> str:
+        """ "device", "loading" (into a slot), "host" or "disk"."""
+
+    def room(self) -> tuple[int, int]:
+        """(free device slots, slots whose adapter nothing pins)."""
+
+    def prefetch(self, key: Hashable, to: str) -> None:
+        """Start loading `key` to "host" or "device" without pinning it; never raises."""
+
+
+class AllResident:
+    """The residency of a resolver that does not know its pool: everything is resident."""
+
+    def residency(self, key: Hashable) -> str:
+        return "device"
+
+    def room(self) -> tuple[int, int]:
+        return (1 << 30, 0)
+
+    def prefetch(self, key: Hashable, to: str) -> None:
+        return None
+
+
+class Refused(Exception):
+    """A call admission will not take: `reason` (a metric label), status, Retry-After."""
+
+    def __init__(
+        self, reason: str, status: int, message: str, retry_after_s: float, code=None
+    ) -> None:
+        super().__init__(message)
+        self.reason, self.status, self.code = reason, status, code
+        self.retry_after = max(1, math.ceil(retry_after_s))
+
+
+class ClientGone(Exception):
+    """The client disconnected while its call waited."""
+
+
+@dataclass(eq=False)
+class Ticket:
+    """An admitted call; `release` (idempotent) gives its seats back."""
+
+    admission: Admission
+    tenant: str
+    key: Hashable | None
+    seats: int
+    waited_s: float
+    where: str  # the adapter's residency when the call was admitted
+    acquired: bool = False
+    released: bool = False
+
+    def loaded(self, seconds: float) -> None:
+        """The adapter is pinned (it took `seconds`): its reservation of a slot ends."""
+        self.admission._loaded(self, seconds)
+
+    def release(self) -> None:
+        self.admission._release(self)
+
+
+@dataclass
+class AdmissionStats:
+    """A snapshot for metrics and the admin views."""
+
+    waiting: int
+    seats_in_use: int
+    seats: int
+    waiting_by_tenant: dict[str, int]
+    active_by_tenant: dict[str, int]
+    expected_wait_s: float
+    bypassed_total: int
+    held_for_slot: bool  # a call is due: nothing else starts until it gets a slot
+    recent_grants: list[str] = field(default_factory=list)  # tenants, oldest first
+
+
+class TokenBuckets:
+    """Per-tenant token buckets: `rate` tokens a second, up to `burst` saved."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst or rate * 10
+        self._levels: dict[str, tuple[float, float]] = {}  # tenant → (level, time)
+
+    def take(self, tenant: str, tokens: int, now: float) -> None:
+        """Spend `tokens`, or raise Refused (429) with the seconds until they are there."""
+        level, then = self._levels.get(tenant, (self.burst, now))
+        level = min(self.burst, level + (now - then) * self.rate)
+        needed = min(
+            tokens, self.burst
+        )  # a call bigger than the bucket waits for a full one
+        if level < needed:
+            self._levels[tenant] = (level, now)
+            wait = (needed - level) / self.rate
+            raise Refused(
+                "token_rate",
+                429,
+                f"this key is over its {self.rate:g} tokens/s (prompt + max_tokens); "
+                f"retry in {math.ceil(wait)} s",
+                wait,
+            )
+        self._levels[tenant] = (level - tokens, now)
+
+
+class Ewma:
+    """An exponentially weighted mean (None until the first sample)."""
+
+    def __init__(self, weight: float = 0.2) -> None:
+        self.weight = weight
+        self.value: float | None = None
+
+    def add(self, sample: float) -> None:
+        old = self.value
+        self.value = (
+            sample if old is None else (1 - self.weight) * old + self.weight * sample
+        )
