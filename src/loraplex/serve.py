@@ -94,6 +94,7 @@ def build_server(
             max_cpu_loras=settings.max_cpu_loras,
             dtype=engine.dtype,
             device=str(engine.device),
+            acquire_timeout_s=settings.adapter_wait_timeout,
         ),
         EngineThreadSlotWriter(thread),
     )
@@ -151,6 +152,7 @@ def engine_config(settings: ServeSettings, model: Path) -> EngineConfig:
         max_lora_rank=settings.max_lora_rank,
         quantization=settings.quantization,
         enable_prefix_caching=settings.enable_prefix_caching,
+        load_format=settings.load_format,
     )
 
 
@@ -188,6 +190,10 @@ def api_config(
         max_num_seqs=max_num_seqs,
         max_queued_requests=settings.max_queued_requests,
         share_base_prefix_across_tenants=settings.share_base_prefix_across_tenants,
+        max_concurrent_per_tenant=settings.max_concurrent_per_tenant,
+        tenant_token_rate=settings.tenant_token_rate,
+        tenant_token_burst=settings.tenant_token_burst,
+        adapter_wait_s=settings.adapter_wait_timeout,
     )
 
 

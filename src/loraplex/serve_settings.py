@@ -67,6 +67,25 @@ class ServeSettings(BaseSettings):
     max_queued_requests: int = Field(
         default=256, ge=0, description="requests waiting beyond the batch before 503"
     )
+    max_concurrent_per_tenant: int = Field(
+        default=64, ge=1, description="a tenant's calls running or waiting before 429"
+    )
+    tenant_token_rate: float = Field(
+        default=0.0,
+        ge=0,
+        description="prompt + max_tokens tokens per second per tenant before 429 "
+        "(0: no limit)",
+    )
+    tenant_token_burst: int = Field(
+        default=0,
+        ge=0,
+        description="tokens a tenant may save up (0: ten seconds of the rate)",
+    )
+    adapter_wait_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="seconds a call waits for an adapter slot before 503",
+    )
     shutdown_timeout: float = Field(
         default=30.0,
         ge=0,
@@ -91,6 +110,11 @@ class ServeSettings(BaseSettings):
         "(an engine directory of loraplex build is FP8 already)",
     )
     device: str = Field(default="auto", description="cpu, cuda, cuda:N or auto")
+    load_format: Literal["auto", "dummy"] = Field(
+        default="auto",
+        description="auto: the checkpoint's weights; dummy: random weights of its "
+        "shapes (benchmarks; only config.json and the tokenizer are read)",
+    )
     replicas: int = Field(
         default=0,
         ge=0,
