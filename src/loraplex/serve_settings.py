@@ -128,8 +128,8 @@ class ServeSettings(BaseSettings):
     )
     ray_address: str | None = Field(
         default=None,
-        description="the Ray cluster of the replicas (auto: the one started on this "
-        "host with ray start; default: a new local one)",
+        description="the Ray cluster of the replicas: HOST:PORT, or local for a new "
+        "one (unset: the one ray start runs on this host, else a new one)",
     )
     gpus_per_replica: float | None = Field(
         default=None,

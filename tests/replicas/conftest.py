@@ -45,6 +45,7 @@ def ray_cluster():
     from ray import serve
 
     ray.init(
+        address="local",  # never a cluster this machine happens to run
         num_cpus=4,
         include_dashboard=False,
         object_store_memory=150 << 20,

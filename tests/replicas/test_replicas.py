@@ -159,6 +159,16 @@ def test_streaming_through_a_replica(fleet, demo_assets, expected):
                 for choice in json.loads(line[6:])["choices"]:
                     text += choice["delta"].get("content", "")
     assert text == expected[adapter, PROMPTS[0]]
+    # The n choices of a call run on one replica, each with its own stream.
+    r = httpx.post(
+        f"{url}/v1/chat/completions",
+        json=chat_body(adapter, PROMPTS[1], n=3),
+        headers=headers,
+        timeout=60,
+    )
+    assert r.status_code == 200 and "," not in r.headers["x-loraplex-replica"]
+    texts = [c["message"]["content"] for c in r.json()["choices"]]
+    assert texts == [expected[adapter, PROMPTS[1]]] * 3
 
 
 def test_the_replica_checks_the_registry_sha256(ray_cluster, demo_assets):
