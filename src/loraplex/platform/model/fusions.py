@@ -87,6 +87,10 @@ def compiled_fusions() -> Fusions:
     def compile_one(fn: Callable) -> Callable:
         return torch.compile(fn, dynamic=True, fullgraph=True)
 
+    # Dynamo counts recompilations per function: a process holding engines of several dtypes
+    # or models (tests, the build's quality gate) needs more than the default 8 variants.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
     log.info("compiling the norm, rotary and activation fusions with torch.compile")
     return Fusions(
         rms_norm=compile_one(rms_norm),
