@@ -105,6 +105,7 @@ class EngineReplica:
                 max_cpu_loras=settings.max_cpu_loras,
                 dtype=self.engine.dtype,
                 device=str(self.engine.device),
+                acquire_timeout_s=settings.adapter_wait_timeout,
             ),
             EngineThreadSlotWriter(self.thread),
             self._load,
