@@ -76,6 +76,9 @@ class DecodeGraphs:
         self._arange64 = torch.arange(b + 1, dtype=torch.int64, device=device)
         self._arange32 = self._arange64.to(torch.int32)
         self._copied = torch.cuda.Event() if pinned else None
+        self._row_tables: list[tuple[int, ...] | None] = [
+            None
+        ] * b  # what each row holds
         self.lora_buffers = (
             LoraSegmentBuffers.make(b, max_loras, device, _DECODE_TILE_TOKENS)
             if max_loras > 0
@@ -127,8 +130,6 @@ class DecodeGraphs:
             for seq, p in zip(seqs, positions, strict=True)
         ]
         token_slots = [-1 if s.request.slot is None else s.request.slot for s in seqs]
-        table_ids = [block for seq in seqs for block in seq.block_ids]
-        counts = torch.tensor([len(seq.block_ids) for seq in seqs])
         pad = b - n
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's copy has left the staging buffers
@@ -140,11 +141,13 @@ class DecodeGraphs:
         )
         self._host32[:b] = torch.tensor([p + 1 for p in positions] + [0] * pad)
         tables = self._host32[b:].view(b, width)
-        seq_index = torch.repeat_interleave(torch.arange(n), counts)
-        first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-        tables[seq_index, torch.arange(len(table_ids)) - first] = torch.tensor(
-            table_ids, dtype=torch.int32
-        )
+        for row, seq in enumerate(seqs):
+            # A row changes when its sequence gets a block (every block_size steps) or another
+            # sequence takes the row: in a steady decode a few rows a step, not all of them.
+            if self._row_tables[row] != seq.block_ids:
+                ids = seq.block_ids
+                tables[row, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
+                self._row_tables[row] = ids
         used32 = b + bucket * width
         self._dev64.copy_(self._host64, non_blocking=True)
         self._dev32[:used32].copy_(self._host32[:used32], non_blocking=True)
@@ -199,6 +202,7 @@ class DecodeGraphs:
         )
 
     def _fill_padding(self, bucket: int, use_lora: bool) -> None:
+        self._row_tables = [None] * self.max_batch  # the host copy no longer matches
         self._dev64.zero_()
         self._dev64[2 * self.max_batch :].fill_(-1)
         self._dev32.zero_()
