@@ -171,6 +171,39 @@ def test_streaming_through_a_replica(fleet, demo_assets, expected):
     assert texts == [expected[adapter, PROMPTS[1]]] * 3
 
 
+def _until(check, timeout_s: float = 15):
+    deadline = time.monotonic() + timeout_s
+    while not (found := check()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+    return found
+
+
+def test_admin_pin_unpin_and_evict_reach_the_replicas(fleet):
+    url, _, _ = fleet
+
+    def entry(adapter_id):
+        pool = httpx.get(f"{url}/admin/api/pool", headers=ADMIN).json()
+        return next((e for e in pool["entries"] if e["id"] == adapter_id), None)
+
+    def held():
+        pool = httpx.get(f"{url}/admin/api/pool", headers=ADMIN).json()
+        return [e["id"] for e in pool["entries"] if e["on_device"]]
+
+    adapter_id = _until(held)[0]
+    pin = httpx.post(f"{url}/admin/api/adapters/{adapter_id}/pin", headers=ADMIN)
+    assert pin.status_code == 200 and isinstance(pin.json()["slot"], int), pin.text
+    _until(lambda: (e := entry(adapter_id)) and e["pinned"])  # reported by a replica
+    busy = httpx.post(f"{url}/admin/api/adapters/{adapter_id}/evict", headers=ADMIN)
+    assert busy.status_code == 409
+    unpin = httpx.post(f"{url}/admin/api/adapters/{adapter_id}/unpin", headers=ADMIN)
+    assert unpin.json()["unpinned"] is True
+    _until(lambda: (e := entry(adapter_id)) and not e["pinned"])  # through the board
+    evict = httpx.post(f"{url}/admin/api/adapters/{adapter_id}/evict", headers=ADMIN)
+    assert evict.status_code == 200, evict.text
+    _until(lambda: entry(adapter_id) is None)  # gone from every replica
+
+
 def test_the_replica_checks_the_registry_sha256(ray_cluster, demo_assets):
     from loraplex.adapters_registry import AdapterCorrupt
     from loraplex.adapters_registry.artifacts import content_digest

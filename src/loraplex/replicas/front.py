@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import ray
+from ray.exceptions import RayTaskError
 
 from loraplex.adapters_registry import (
     Adapter,
@@ -272,7 +273,12 @@ class FleetPool:
         """Pin on one replica (the router's choice); returns that replica's slot."""
         source = self._source(key)
         call = self.handle.options(multiplexed_model_id=source.key).pin.remote(source)
-        return call.result(timeout_s=timeout)
+        try:
+            return call.result(timeout_s=timeout)
+        except (
+            RayTaskError
+        ) as exc:  # PinLimitReached, PoolExhausted: without Ray's trace
+            raise exc.cause from None
 
     def unpin(self, key: Hashable) -> bool:
         pinned = any(e.key == key and e.admin_pinned for e in self.snapshot())
