@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from loraplex.kernels import fp8
-from loraplex.kernels.fp8 import dispatch
+from loraplex.kernels.fp8 import dispatch, gemv
 from loraplex.kernels.fp8._launch import num_sms
 from loraplex.kernels.fp8.gemm import GemmConfig
 from sgmv_timing import GraphTimer, copy_bandwidth, eager
@@ -52,7 +52,7 @@ def candidates(m: int, n: int, k: int, sms: int, quick: bool) -> list[GemmConfig
     twice the split, 8 warps from 64 tokens, 128-token tiles above 64 tokens. Few enough
     distinct kernels that compiling them stays under a minute."""
     bucket = dispatch.m_bucket(m)
-    base = dispatch.default_choice(bucket, n, k, sms).config
+    base = dispatch.default_mma_choice(bucket, n, k, sms).config
     configs = [base]
     k_steps = -(-k // base.block_k)
     if not quick:
@@ -151,6 +151,18 @@ class Bench:
         )
         if dispatch.m_bucket(m) is None:
             return  # prefill: _scaled_mm's ground
+        if m <= gemv.MAX_TOKENS:
+            for block_n in (4, 8, 16, 32):
+                for block_k in (256, 512, 1024):
+                    config = gemv.GemvConfig(block_n, block_k)
+                    choice = dispatch.GemmChoice("gemv", config)
+                    self.record(
+                        shape,
+                        m,
+                        "gemv",
+                        config,
+                        lambda c=choice: fp8.fp8_linear(x, w_q, w_scales, choice=c),
+                    )
         for index, config in enumerate(candidates(m, n, k, self.sms, self.quick)):
             fused = index == 0 and m <= FUSED_MAX_TOKENS  # the heuristic's tiles only
             for impl in ["triton"] + (["triton_fused"] if fused else []):
@@ -253,6 +265,7 @@ def print_table(bench: Bench, shapes: dict, rates: dict, info: dict) -> None:
         print(f"{name} at 8192³: {rate['tflops']:.0f} TFLOP/s")
     print(
         f"{'shape':8} {'M':>5} {'bf16':>7} {'sc_mm':>7} {'triton':>7} {'fused':>7} "
+        f"{'gemv':>7} "
         f"{'floor':>6}  {'chosen':34} {'GB/s':>5} {'%copy':>5}"
     )
     for shape in shapes:
@@ -261,7 +274,7 @@ def print_table(bench: Bench, shapes: dict, rates: dict, info: dict) -> None:
             if best is None:
                 continue
             cells = []
-            for impl in ("bf16", "scaled_mm", "triton", "triton_fused"):
+            for impl in ("bf16", "scaled_mm", "triton", "triton_fused", "gemv"):
                 row = bench.best(shape, m, (impl,))
                 cells.append(f"{row['median_us']:7.1f}" if row else f"{'-':>7}")
             pct = 100 * best["weight_gbps"] / bench.copy["gbps"]

@@ -50,6 +50,9 @@ def _poison_allocator(num_bytes: int) -> None:
 
 def _triton_choice(m: int, n: int, k: int, fused: bool) -> dispatch.GemmChoice:
     choice = dispatch.choose(m, n, k, torch.bfloat16, CUDA, triton_only=True)
+    if choice.impl == "gemv":  # the MMA kernel is still what this test holds to float64
+        sms = torch.cuda.get_device_properties(CUDA).multi_processor_count
+        choice = dispatch.default_mma_choice(dispatch.m_bucket(m), n, k, sms)
     impl = "triton_fused" if fused else "triton"
     return dispatch.GemmChoice(impl, choice.config)
 
@@ -152,3 +155,27 @@ def test_cuda_graph_replays_what_eager_computes(m):
                 assert torch.equal(static_y, eager), str(choice)
         del graph
     assert not gemm.split_counters(CUDA).any()
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("shape", LLAMA_8B, ids=[s[0] for s in LLAMA_8B])
+def test_gemv_against_float64(shape, m):
+    from loraplex.kernels.fp8 import gemv
+
+    _, n, k = shape
+    x, w_q, w_scales = _inputs(m, n, k, seed=m * 11 + n)
+    expected = x.double() @ (w_q.double() * w_scales.double()).T
+    choice = dispatch.choose(m, n, k, torch.bfloat16, CUDA)
+    assert choice.impl == "gemv"
+    for config in (choice.config, gemv.GemvConfig(4, 1024), gemv.GemvConfig(32, 256)):
+        y = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=CUDA)
+        gemv.fp8_gemv(x, w_q, w_scales, config, out=y)
+        assert relative_error(y, expected) < TOLERANCE[torch.bfloat16], config
+    graph_y = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=CUDA)
+    fp8.fp8_linear(x, w_q, w_scales)  # compile before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fp8.fp8_linear(x, w_q, w_scales)
+    graph.replay()
+    graph_y.copy_(captured)
+    assert torch.equal(graph_y, fp8.fp8_linear(x, w_q, w_scales))

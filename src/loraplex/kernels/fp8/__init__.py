@@ -148,7 +148,7 @@ def fp8_linear(
     """
     if resolve_backend(backend, x) == "torch":
         return fp8_linear_reference(x, weight_q, weight_scales, bias, x.dtype)
-    from . import dispatch, gemm, quant
+    from . import dispatch, gemm, gemv, quant
 
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -156,6 +156,8 @@ def fp8_linear(
         (m, k), n = x.shape, weight_q.shape[0]
         triton_only = backend == "triton" or not x.is_cuda
         choice = dispatch.choose(m, n, k, x.dtype, x.device, triton_only)
+    if choice.impl == "gemv":
+        return gemv.fp8_gemv(x, weight_q, weight_scales, choice.config, bias=bias)
     if choice.impl == "triton_fused":
         return gemm.fp8_gemm(
             x,

@@ -21,18 +21,21 @@ import triton
 
 from ._launch import num_sms
 from .gemm import GemmConfig
+from .gemv import MAX_TOKENS as GEMV_MAX_TOKENS
+from .gemv import GemvConfig, default_gemv_config
 
-Impl = Literal["scaled_mm", "triton", "triton_fused"]
-IMPLS = ("scaled_mm", "triton", "triton_fused")
+Impl = Literal["scaled_mm", "triton", "triton_fused", "gemv"]
+IMPLS = ("scaled_mm", "triton", "triton_fused", "gemv")
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
 class GemmChoice:
-    """What runs one FP8 linear; written `scaled_mm` or `triton 16x64x256/s4/w4/st4`."""
+    """What runs one FP8 linear; written `scaled_mm`, `triton 16x64x256/s4/w4/st4` or
+    `gemv 8x512/st4`."""
 
     impl: Impl
-    config: GemmConfig | None = None
+    config: GemmConfig | GemvConfig | None = None
 
     def __str__(self) -> str:
         return self.impl if self.config is None else f"{self.impl} {self.config}"
@@ -42,8 +45,11 @@ class GemmChoice:
         impl, _, config = text.strip().partition(" ")
         if impl not in IMPLS or (impl == "scaled_mm") != (not config):
             raise ValueError(
-                f"dispatch entry {text!r}: 'scaled_mm' or 'triton[_fused] <config>'"
+                f"dispatch entry {text!r}: 'scaled_mm', 'triton[_fused] <config>' or "
+                "'gemv <config>'"
             )
+        if impl == "gemv":
+            return cls(impl, GemvConfig.parse(config))
         return cls(impl, GemmConfig.parse(config) if config else None)
 
 
@@ -51,54 +57,43 @@ SCALED_MM = GemmChoice("scaled_mm")
 
 # capability → (N, K) → {M bucket: choice}: the Llama-3.1-8B linears (qkv 4096→6144, o
 # 4096→4096, gate_up 4096→28672, down 14336→4096) on Hopper (H100 and H200 share sm_90 and 132
-# SMs). Seeded from `default_choice` (no GPU measurement yet, 2026-11-27); replace with the
-# candidate that `benchmarks/bench_fp8.py --out DIR` writes (DIR/fp8_dispatch_candidate.py) and
-# name that run (card, date, commit) here.
+# SMs). Buckets 8-256: the fastest of `_scaled_mm` and the Triton tiles measured by
+# benchmarks/bench_fp8.py --quick on an H100 (2026-11-27, commit 2a73ed7; _scaled_mm read the
+# weights at 30-60% of copy bandwidth, the Triton tiles at best 67%). Buckets 1-4 are left to
+# `default_choice`, the weight-only GEMV of gemv.py (written after that run).
 TABLE: dict[tuple[int, int], dict[tuple[int, int], dict[int, str]]] = {
     (9, 0): {
-        (6144, 4096): {
-            1: "triton_fused 16x64x256/s4/w4/st4",
-            2: "triton_fused 16x64x256/s4/w4/st4",
-            4: "triton 16x64x256/s4/w4/st4",
-            8: "triton 16x64x256/s4/w4/st4",
-            16: "triton 16x64x256/s4/w4/st4",
-            32: "triton 32x64x256/s4/w4/st4",
-            64: "triton 64x64x128/s4/w4/st4",
-            128: "triton 64x128x128/s4/w4/st4",
-            256: "triton 64x128x128/s2/w4/st4",
+        (6144, 4096): {  # qkv
+            8: "scaled_mm",
+            16: "scaled_mm",
+            32: "scaled_mm",
+            64: "scaled_mm",
+            128: "scaled_mm",
+            256: "scaled_mm",
         },
-        (4096, 4096): {
-            1: "triton_fused 16x64x256/s8/w4/st4",
-            2: "triton_fused 16x64x256/s8/w4/st4",
-            4: "triton 16x64x256/s8/w4/st4",
-            8: "triton 16x64x256/s8/w4/st4",
-            16: "triton 16x64x256/s8/w4/st4",
+        (4096, 4096): {  # o
+            8: "triton_fused 16x64x256/s8/w4/st4",
+            16: "scaled_mm",
             32: "triton 32x64x256/s8/w4/st4",
-            64: "triton 64x64x128/s8/w4/st4",
-            128: "triton 64x128x128/s8/w4/st4",
-            256: "triton 64x128x128/s4/w4/st4",
+            64: "scaled_mm",
+            128: "scaled_mm",
+            256: "scaled_mm",
         },
-        (28672, 4096): {
-            1: "triton_fused 16x64x256/s1/w4/st4",
-            2: "triton_fused 16x64x256/s1/w4/st4",
-            4: "triton 16x64x256/s1/w4/st4",
-            8: "triton 16x64x256/s1/w4/st4",
+        (28672, 4096): {  # gate_up
+            8: "scaled_mm",
             16: "triton 16x64x256/s1/w4/st4",
             32: "triton 32x64x256/s1/w4/st4",
-            64: "triton 64x64x128/s1/w4/st4",
-            128: "triton 64x128x128/s1/w4/st4",
-            256: "triton 64x128x128/s1/w4/st4",
+            64: "scaled_mm",
+            128: "scaled_mm",
+            256: "scaled_mm",
         },
-        (4096, 14336): {
-            1: "triton_fused 16x64x256/s8/w4/st4",
-            2: "triton_fused 16x64x256/s8/w4/st4",
-            4: "triton 16x64x256/s8/w4/st4",
+        (4096, 14336): {  # down
             8: "triton 16x64x256/s8/w4/st4",
             16: "triton 16x64x256/s8/w4/st4",
             32: "triton 32x64x256/s8/w4/st4",
             64: "triton 64x64x128/s8/w4/st4",
-            128: "triton 64x128x128/s8/w4/st4",
-            256: "triton 64x128x128/s4/w4/st4",
+            128: "scaled_mm",
+            256: "scaled_mm",
         },
     },
 }
@@ -110,7 +105,16 @@ def m_bucket(m: int) -> int | None:
 
 
 def default_choice(bucket: int, n: int, k: int, sms: int) -> GemmChoice:
-    """The Triton kernel with tiles from the problem shape, for shapes the table lacks.
+    """For shapes the table lacks: the weight-only GEMV up to GEMV_MAX_TOKENS tokens (no MMA
+    tile of padding, no activation quantization), the Triton GEMM of `default_mma_choice`
+    above."""
+    if bucket <= GEMV_MAX_TOKENS:
+        return GemmChoice("gemv", default_gemv_config(n, sms))
+    return default_mma_choice(bucket, n, k, sms)
+
+
+def default_mma_choice(bucket: int, n: int, k: int, sms: int) -> GemmChoice:
+    """The Triton GEMM with tiles from the problem shape.
 
     - block_m: the bucket (16 at least: the MMA's narrow side), 64 at most; block_n 64 up to
       64 tokens, then 128; block_k 256 (256 bytes of each weight row) up to 32 tokens, then 128.

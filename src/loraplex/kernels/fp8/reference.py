@@ -89,3 +89,24 @@ def fp8_linear_reference(
     """
     x_q, x_scales = quantize_per_token_reference(x)
     return fp8_gemm_reference(x_q, x_scales, weight_q, weight_scales, bias, out_dtype)
+
+
+def fp8_gemv_reference(
+    x: torch.Tensor,
+    weight_q: torch.Tensor,
+    weight_scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """y = x @ (q_w · s_w)ᵀ + b with x unquantized: the spec of the weight-only GEMV.
+
+    :param x: [num_tokens, in_features] float.
+    :param weight_q: [out_features, in_features] float8_e4m3fn.
+    :param weight_scales: [out_features, 1] float32.
+    :param bias: optional [out_features].
+    :return: [num_tokens, out_features] out_dtype (float32 by default).
+    """
+    y = x.float() @ dequantize_reference(weight_q, weight_scales).T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)

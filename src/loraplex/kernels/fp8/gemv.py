@@ -1,0 +1,164 @@
+"""y[m, n] = s_w[n] · Σ_k x[m, k] · q_w[n, k] + b[n]: FP8 weights, x unquantized, fp32 sums.
+
+The decode GEMV for one to four tokens. A GEMM of so few rows is a read of the weight, and the
+MMA path pays for it twice: x must be quantized in a launch of its own (or re-read per program),
+and an MMA tile is at least 16 tokens wide, so 15/16 of its work is padding. Here each program
+owns BLOCK_N weight rows, streams them over all of K in BLOCK_K chunks (fp8 → fp32 in
+registers), multiplies by the few x rows broadcast along N and reduces along K on the CUDA
+cores. x is read as is (bf16/fp16/fp32: no activation quantization, so this path is also a
+little more exact than W8A8), and the per-channel weight scale is applied once at the end.
+
+BLOCK_N is chosen so that the grid holds several programs per SM (a 4096-row weight at
+BLOCK_N = 8 is 512 programs); there is no split-K and no atomics: one launch, the same bits
+every run, graph-safe.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import OUT_DTYPES, QUANT_DTYPES, kernel_for, next_pow2
+
+MAX_TOKENS = 4  # the product tile is [BLOCK_M, BLOCK_N, BLOCK_K] registers
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Tiles of one GEMV launch; written `8x512/st4` (BLOCK_N x BLOCK_K / num_stages)."""
+
+    block_n: int
+    block_k: int
+    num_stages: int = 4
+    num_warps: int = 4
+
+    def __str__(self) -> str:
+        return f"{self.block_n}x{self.block_k}/st{self.num_stages}"
+
+    @classmethod
+    def parse(cls, text: str) -> GemvConfig:
+        match = re.fullmatch(r"(\d+)x(\d+)/st(\d+)", text.strip())
+        if match is None:
+            raise ValueError(f"GEMV config {text!r} is not like '8x512/st4'")
+        return cls(*(int(g) for g in match.groups()))
+
+
+def default_gemv_config(n: int, sms: int) -> GemvConfig:
+    """BLOCK_N as large as keeps 4 programs per SM (at least 4 rows, at most 32)."""
+    block_n = 32
+    while block_n > 4 and triton.cdiv(n, block_n) < 4 * sms:
+        block_n //= 2
+    return GemvConfig(block_n, 512)
+
+
+@triton.jit
+def fp8_gemv_kernel(
+    x_ptr,
+    w_ptr,
+    w_scales_ptr,
+    bias_ptr,
+    y_ptr,
+    num_tokens,
+    out_features,
+    in_features,
+    stride_x_token,
+    stride_w_row,
+    stride_y_token,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_valid = offs_m < num_tokens
+    n_valid = offs_n < out_features
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_x_token  # [BLOCK_M, 1]
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_w_row  # [BLOCK_N, 1]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, in_features, BLOCK_K):
+        k = k0 + offs_k
+        if EVEN_K:
+            w = tl.load(w_rows + k[None, :], mask=n_valid[:, None], other=0.0)
+            x = tl.load(x_rows + k[None, :], mask=m_valid[:, None], other=0.0)
+        else:
+            k_valid = k < in_features
+            w = tl.load(
+                w_rows + k[None, :], mask=n_valid[:, None] & k_valid[None, :], other=0.0
+            )
+            x = tl.load(
+                x_rows + k[None, :], mask=m_valid[:, None] & k_valid[None, :], other=0.0
+            )
+        product = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        acc += tl.sum(product, axis=2)
+    acc *= tl.load(w_scales_ptr + offs_n, mask=n_valid, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_valid, other=0.0).to(tl.float32)[
+            None, :
+        ]
+    y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_y_token + offs_n[None, :]
+    tl.store(
+        y, acc.to(y_ptr.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :]
+    )
+
+
+def fp8_gemv(
+    x: torch.Tensor,
+    weight_q: torch.Tensor,
+    weight_scales: torch.Tensor,
+    config: GemvConfig,
+    *,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Launch the GEMV: y [M, N] in x's dtype for M <= MAX_TOKENS (see the module docstring).
+
+    :param x: [M, K] bf16/fp16/fp32, unit stride along K.
+    :param weight_q: [N, K] float8_e4m3fn, unit stride along K.
+    :param weight_scales: [N, 1] float32, contiguous.
+    :param bias: optional [N] in x's dtype.
+    :param out: optional [M, N] in x's dtype, contiguous (tests poison it).
+    """
+    num_tokens, in_features = x.shape
+    out_features = weight_q.shape[0]
+    if not 1 <= num_tokens <= MAX_TOKENS:
+        raise ValueError(f"the GEMV takes 1 to {MAX_TOKENS} tokens, got {num_tokens}")
+    if x.dtype not in QUANT_DTYPES or x.dtype not in OUT_DTYPES or x.stride(1) != 1:
+        raise ValueError("x must be bf16/fp16/fp32 with unit stride along features")
+    if weight_q.dtype != torch.float8_e4m3fn or weight_q.shape[1] != in_features:
+        raise ValueError(f"weight_q must be float8_e4m3fn [N, {in_features}]")
+    if weight_q.stride(1) != 1 or weight_scales.shape != (out_features, 1):
+        raise ValueError("weight_q needs unit stride along K; weight_scales [N, 1]")
+    if out is None:
+        out = torch.empty(num_tokens, out_features, dtype=x.dtype, device=x.device)
+    elif out.shape != (num_tokens, out_features) or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous [{num_tokens}, {out_features}]")
+    grid = (triton.cdiv(out_features, config.block_n),)
+    kernel_for(fp8_gemv_kernel, x)[grid](
+        x,
+        weight_q,
+        weight_scales,
+        bias if bias is not None else weight_scales,
+        out,
+        num_tokens,
+        out_features,
+        in_features,
+        x.stride(0),
+        weight_q.stride(0),
+        out.stride(0),
+        HAS_BIAS=bias is not None,
+        BLOCK_M=max(1, next_pow2(num_tokens)),
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        EVEN_K=in_features % config.block_k == 0,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return out
