@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from loraplex.replicas.app import default_gpus, engine_options, replica_count
 from loraplex.serve_settings import ServeSettings, load_settings
+
+pytest.importorskip("ray")  # the `ray` extra
+from loraplex.replicas.app import (  # after the skip
+    default_gpus,
+    engine_options,
+    replica_count,
+)
 
 
 def test_a_fixed_count_or_autoscaling_passes_through_to_ray_serve():

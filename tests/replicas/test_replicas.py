@@ -15,11 +15,13 @@ from collections import defaultdict
 
 import httpx
 import pytest
+from replica_utils import free_port, serving
 
-from conftest import free_port, ray, serving
 from loraplex import serve
 from loraplex.demo import QUESTIONS
 from loraplex.serve_settings import ServeSettings
+
+ray = pytest.importorskip("ray")
 
 ADMIN = {"Authorization": "Bearer admin-key"}
 BASE = "demo-base"

@@ -164,7 +164,18 @@ class EngineReplica:
         key = int(source.key)
         self._sources[key] = source
         await self._hold(source.key)
-        return await asyncio.to_thread(self.pool.acquire, key), key
+        acquiring = asyncio.ensure_future(asyncio.to_thread(self.pool.acquire, key))
+        try:
+            return await asyncio.shield(acquiring), key
+        except (
+            asyncio.CancelledError
+        ):  # the pin still lands on its thread: undo it then
+            acquiring.add_done_callback(lambda f: self._unpin_if_pinned(f, key))
+            raise
+
+    def _unpin_if_pinned(self, acquired: asyncio.Future, key: int) -> None:
+        if not acquired.cancelled() and acquired.exception() is None:
+            self.pool.release(key)
 
     def _load(self, key: int) -> LoraWeights:
         """The pool's loader (on a pool thread): object store → checked → validated."""
