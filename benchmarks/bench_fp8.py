@@ -152,8 +152,9 @@ class Bench:
         if dispatch.m_bucket(m) is None:
             return  # prefill: _scaled_mm's ground
         if m <= gemv.MAX_TOKENS:
-            for block_n in (4, 8, 16, 32):
-                for block_k in (256, 512, 1024):
+            cuda_cores = m <= gemv.GEMV_TOKENS
+            for block_n in (4, 8, 16, 32) if cuda_cores else (16, 32, 64):
+                for block_k in (256, 512, 1024) if cuda_cores else (128, 256):
                     config = gemv.GemvConfig(block_n, block_k)
                     choice = dispatch.GemmChoice("gemv", config)
                     self.record(

@@ -158,7 +158,7 @@ def test_cuda_graph_replays_what_eager_computes(m):
     assert not gemm.split_counters(CUDA).any()
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 8, 16, 40, 64])
 @pytest.mark.parametrize("shape", LLAMA_8B, ids=[s[0] for s in LLAMA_8B])
 def test_gemv_against_float64(shape, m):
     from loraplex.kernels.fp8 import gemv
@@ -166,17 +166,20 @@ def test_gemv_against_float64(shape, m):
     _, n, k = shape
     x, w_q, w_scales = _inputs(m, n, k, seed=m * 11 + n)
     expected = x.double() @ (w_q.double() * w_scales.double()).T
-    choice = dispatch.choose(m, n, k, torch.bfloat16, CUDA)
-    assert choice.impl == "gemv"
-    for config in (choice.config, gemv.GemvConfig(4, 1024), gemv.GemvConfig(32, 256)):
+    configs = [gemv.default_gemv_config(n, 132, m), gemv.GemvConfig(32, 256)]
+    configs.append(gemv.GemvConfig(4, 1024) if m <= 4 else gemv.GemvConfig(64, 128))
+    if m <= 4:
+        assert dispatch.choose(m, n, k, torch.bfloat16, CUDA).impl == "gemv"
+    for config in configs:
         y = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=CUDA)
         gemv.fp8_gemv(x, w_q, w_scales, config, out=y)
         assert relative_error(y, expected) < TOLERANCE[torch.bfloat16], config
+    choice = dispatch.GemmChoice("gemv", configs[0])
     graph_y = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=CUDA)
-    fp8.fp8_linear(x, w_q, w_scales)  # compile before capture
+    fp8.fp8_linear(x, w_q, w_scales, choice=choice)  # compile before capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = fp8.fp8_linear(x, w_q, w_scales)
+        captured = fp8.fp8_linear(x, w_q, w_scales, choice=choice)
     graph.replay()
     graph_y.copy_(captured)
-    assert torch.equal(graph_y, fp8.fp8_linear(x, w_q, w_scales))
+    assert torch.equal(graph_y, fp8.fp8_linear(x, w_q, w_scales, choice=choice))

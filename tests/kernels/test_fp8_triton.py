@@ -137,10 +137,10 @@ def test_gemm_against_float64(case, fused):
 
 
 @interpreted
-@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 16, 33])  # 5+: the tensor-core path
 @pytest.mark.parametrize(
     ("n", "k", "config"),
-    [(48, 64, "4x64/st2"), (100, 200, "8x128/st3"), (33, 96, "16x32/st1")],
+    [(48, 64, "16x64/st2"), (100, 200, "32x128/st3"), (33, 96, "16x32/st1")],
 )
 def test_gemv_against_float64(m, n, k, config):
     from loraplex.kernels.fp8 import gemv

@@ -21,8 +21,7 @@ import triton
 
 from ._launch import num_sms
 from .gemm import GemmConfig
-from .gemv import MAX_TOKENS as GEMV_MAX_TOKENS
-from .gemv import GemvConfig, default_gemv_config
+from .gemv import GEMV_TOKENS, GemvConfig, default_gemv_config
 
 Impl = Literal["scaled_mm", "triton", "triton_fused", "gemv"]
 IMPLS = ("scaled_mm", "triton", "triton_fused", "gemv")
@@ -105,11 +104,10 @@ def m_bucket(m: int) -> int | None:
 
 
 def default_choice(bucket: int, n: int, k: int, sms: int) -> GemmChoice:
-    """For shapes the table lacks: the weight-only GEMV up to GEMV_MAX_TOKENS tokens (no MMA
-    tile of padding, no activation quantization), the Triton GEMM of `default_mma_choice`
-    above."""
-    if bucket <= GEMV_MAX_TOKENS:
-        return GemmChoice("gemv", default_gemv_config(n, sms))
+    """For shapes the table lacks: the weight-only GEMV up to GEMV_TOKENS tokens (no MMA tile
+    of padding, no activation quantization), the Triton GEMM of `default_mma_choice` above."""
+    if bucket <= GEMV_TOKENS:
+        return GemmChoice("gemv", default_gemv_config(n, sms, bucket))
     return default_mma_choice(bucket, n, k, sms)
 
 

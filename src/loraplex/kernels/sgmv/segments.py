@@ -238,12 +238,18 @@ class LoraSegmentBuffers:
             views.append(self._device[offset : offset + size])
             offset += size
         views[0] = views[0][:num_tokens]
+        # `fill` packs the used tiles first, and `num_tokens` tokens need at most this many:
+        # a graph captured for a small batch launches a small grid, not the buffers' capacity.
+        num_tiles = min(
+            self.max_tiles,
+            max_tiles(num_tokens, min(num_tokens, self.max_slots), self.tile_tokens),
+        )
         return LoraSegments(
             *views,
             split_counters=self._split_counters,
             num_lora_tokens=num_tokens if num_lora_tokens is None else num_lora_tokens,
             num_segments=self.max_slots,
-            num_tiles=self.max_tiles,
+            num_tiles=num_tiles,
             tile_tokens=self.tile_tokens,
             max_tile_len=self.tile_tokens,
         )
