@@ -56,41 +56,53 @@ SCALED_MM = GemmChoice("scaled_mm")
 
 # capability → (N, K) → {M bucket: choice}: the Llama-3.1-8B linears (qkv 4096→6144, o
 # 4096→4096, gate_up 4096→28672, down 14336→4096) on Hopper (H100 and H200 share sm_90 and 132
-# SMs). Buckets 8-256: the fastest of `_scaled_mm` and the Triton tiles measured by
-# benchmarks/bench_fp8.py --quick on an H100 (2026-11-27, commit 2a73ed7; _scaled_mm read the
-# weights at 30-60% of copy bandwidth, the Triton tiles at best 67%). Buckets 1-4 are left to
-# `default_choice`, the weight-only GEMV of gemv.py (written after that run).
+# SMs). The fastest of `_scaled_mm`, the Triton W8A8 tiles and the weight-only kernel of gemv.py
+# per bucket, measured by `benchmarks/bench_fp8.py --quick` on an H100 (2026-11-27, commit
+# 2afd98a; results in benchmarks/results/bench_fp8-h100-2026-11-27.json). `_scaled_mm` timings
+# varied up to 10x between runs on that host at decode sizes; the weight-only kernel's did not.
 TABLE: dict[tuple[int, int], dict[tuple[int, int], dict[int, str]]] = {
     (9, 0): {
         (6144, 4096): {  # qkv
-            8: "scaled_mm",
-            16: "scaled_mm",
-            32: "scaled_mm",
-            64: "scaled_mm",
+            1: "gemv 8x1024/st4",
+            2: "gemv 16x1024/st4",
+            4: "scaled_mm",
+            8: "gemv 32x256/st4",
+            16: "gemv 32x256/st4",
+            32: "gemv 16x256/st4",
+            64: "gemv 16x128/st4",
             128: "scaled_mm",
             256: "scaled_mm",
         },
         (4096, 4096): {  # o
-            8: "triton_fused 16x64x256/s8/w4/st4",
-            16: "scaled_mm",
-            32: "triton 32x64x256/s8/w4/st4",
-            64: "scaled_mm",
+            1: "gemv 4x1024/st4",
+            2: "gemv 8x1024/st4",
+            4: "gemv 8x1024/st4",
+            8: "gemv 32x256/st4",
+            16: "gemv 32x256/st4",
+            32: "gemv 16x256/st4",
+            64: "gemv 16x128/st4",
             128: "scaled_mm",
             256: "scaled_mm",
         },
         (28672, 4096): {  # gate_up
-            8: "scaled_mm",
-            16: "triton 16x64x256/s1/w4/st4",
-            32: "triton 32x64x256/s1/w4/st4",
-            64: "scaled_mm",
+            1: "gemv 8x1024/st4",
+            2: "gemv 8x1024/st4",
+            4: "gemv 8x1024/st4",
+            8: "gemv 32x128/st4",
+            16: "gemv 32x128/st4",
+            32: "gemv 64x128/st4",
+            64: "gemv 64x128/st4",
             128: "scaled_mm",
             256: "scaled_mm",
         },
         (4096, 14336): {  # down
-            8: "triton 16x64x256/s8/w4/st4",
-            16: "triton 16x64x256/s8/w4/st4",
-            32: "triton 32x64x256/s8/w4/st4",
-            64: "triton 64x64x128/s8/w4/st4",
+            1: "gemv 4x1024/st4",
+            2: "gemv 8x1024/st4",
+            4: "scaled_mm",
+            8: "gemv 32x256/st4",
+            16: "gemv 32x256/st4",
+            32: "gemv 16x256/st4",
+            64: "gemv 32x256/st4",
             128: "scaled_mm",
             256: "scaled_mm",
         },

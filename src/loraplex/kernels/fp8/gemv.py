@@ -45,6 +45,19 @@ class GemvConfig:
     def __str__(self) -> str:
         return f"{self.block_n}x{self.block_k}/st{self.num_stages}"
 
+    def check(self) -> None:
+        """Tiles Triton takes: powers of two, BLOCK_N >= 4 and BLOCK_K >= 16."""
+        for name, value, least in (
+            ("block_n", self.block_n, 4),
+            ("block_k", self.block_k, 16),
+        ):
+            if value < least or value & (value - 1):
+                raise ValueError(
+                    f"{name} must be a power of two >= {least}, got {value}"
+                )
+        if self.num_stages < 1 or self.num_warps < 1:
+            raise ValueError(f"{self}: num_stages and num_warps must be >= 1")
+
     @classmethod
     def parse(cls, text: str) -> GemvConfig:
         match = re.fullmatch(r"(\d+)x(\d+)/st(\d+)", text.strip())
