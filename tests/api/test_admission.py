@@ -36,6 +36,9 @@ class Residency:
     def prefetch(self, key, to):
         self.prefetched.append((key, to))
 
+    def victim(self):
+        return min(self.device) if self.device else None
+
 
 def _admission(residency=None, clock=None, **config):
     return Admission(AdmissionConfig(**config), residency, clock or Clock())

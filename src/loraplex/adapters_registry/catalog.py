@@ -199,7 +199,8 @@ class Catalog:
                 self._transition(
                     adapter_id, ("ready", "failed", "corrupt", "deleting"), "deleting"
                 )
-        return [self.get(i) for i in ids]
+            # Read inside the transaction: once it commits, a collect may remove the rows.
+            return [self.get(i) for i in ids]
 
     def remove(self, adapter_id: int, detail: str = "removed") -> None:
         """Drop a deleting or failed row for good (its files go when no row uses them)."""

@@ -144,7 +144,8 @@ class AdapterPool:
                         remaining = deadline - time.monotonic()
                         if remaining <= 0:
                             self._forget_if_idle(entry)
-                            self.metrics.refused()
+                            if wait > 0:  # a try without a wait is no refusal
+                                self.metrics.refused()
                             raise self._exhausted()
                         self._cond.wait(remaining)
                         continue

@@ -168,7 +168,10 @@ class AdapterRegistry:
             if in_use(adapter.id):
                 continue
             with self._files:
-                self.catalog.remove(adapter.id, "removed: nothing was using it")
+                try:
+                    self.catalog.remove(adapter.id, "removed: nothing was using it")
+                except AdapterNotFound:
+                    continue  # a concurrent collect (another upload or delete) won
                 if (
                     adapter.sha256
                     and adapter.sha256 not in self.catalog.digests_in_use()

@@ -1,23 +1,11 @@
 """Admission in front of the engine: tenant limits, fair queueing, adapter-aware ordering.
 
-The engine runs `seats` requests at once (its batch, `max_num_seqs`); calls beyond that wait
-here, not in the engine's first-come-first-served queue, so that the order they start in is
-decided with what the engine cannot see:
-
-- **Tenants take turns.** Each tenant has a FIFO of waiting calls; a freed seat goes to the
-  next tenant in round-robin order that has a call ready to run. A tenant that floods only
-  lengthens its own queue. Per-tenant limits refuse what is over a tenant's concurrency
-  (calls running or waiting) or its token rate (prompt + max_tokens per second) with 429.
-- **Resident adapters first, with bounded bypass.** A call is ready when its adapter is in a
-  device slot (or loading into one), or a slot could take it now (free, or holding an
-  adapter nothing pins). A call whose adapter needs a slot while none can be had waits, and
-  ready calls go ahead of it — at most `max_bypass` times: then it is due, and nothing else
-  starts until a slot frees and it runs. After `adapter_wait_s` without a slot it gets 503.
-- **Prefetch while waiting.** A waiting call's cold adapter is loaded disk → host at once (or
-  into a free device slot), so that the load overlaps the wait.
-- **Expected wait.** Seats free at a measured rate; waiting calls ahead of a new one, divided
-  by that rate, plus the measured load time of a cold adapter, is the expected wait: exported
-  as a metric and sent as `Retry-After` when a call is refused.
+The engine runs `seats` requests at once; calls beyond wait here, not in its first-come-first-
+served queue, and start in this order: tenants in turn (the one served longest ago first);
+within a turn, the first call that is ready (its adapter in a slot, or a slot can take it);
+a call that waits for a slot may be overtaken `max_bypass` times, then it is due and holds
+back what would delay its slot. Waiting calls prefetch their adapters. docs/api.md
+("Admission and fairness") and docs/architecture.md tell the why.
 """
 
 from __future__ import annotations
@@ -29,7 +17,6 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass
 
 from .admission_types import (
     AdapterResidency,
@@ -41,24 +28,11 @@ from .admission_types import (
     Refused,
     Ticket,
     TokenBuckets,
+    Waiter,
+    settle,
 )
 
 __all__ = ["Admission", "AdmissionConfig", "ClientGone", "Refused", "Ticket"]
-
-
-@dataclass(eq=False)
-class _Waiter:
-    seq: int
-    tenant: str
-    key: Hashable | None  # None: the base model
-    seats: int
-    enqueued: float
-    future: asyncio.Future
-    loop: asyncio.AbstractEventLoop
-    bypassed: int = 0
-    blocked: bool = False  # last examined: its adapter had no slot to go to
-    blocked_since: float | None = None
-    where: str = "base"
 
 
 class Admission:
@@ -75,7 +49,7 @@ class Admission:
         self.clock = clock
         self._lock = threading.RLock()
         self._seq = itertools.count()
-        self._queues: dict[str, deque[_Waiter]] = {}
+        self._queues: dict[str, deque[Waiter]] = {}
         # Round robin: the tenant served longest ago goes first (a newcomer before all).
         self._served: dict[str, int] = {}  # tenant → number of its last grant
         self._grant_seq = itertools.count()
@@ -90,12 +64,12 @@ class Admission:
         self._last_release: float | None = None
         self._load = {"host": Ewma(), "disk": Ewma()}  # adapter load seconds
         self._bypassed_total = 0
-        self._grants: deque[str] = deque(maxlen=256)
+        # (tenant served, tenants that were waiting too): round robin, made checkable.
+        self._grants: deque[tuple[str, tuple[str, ...]]] = deque(maxlen=256)
         self._last_dispatch = -math.inf
         self._where_cache: dict[Hashable, str] | None = None  # during one dispatch
-        self.waits: list[
-            Callable[[str, float], None]
-        ] = []  # (where, seconds) observers
+        # Observers of each admitted call: (tenant, residency, seconds waited).
+        self.waits: list[Callable[[str, str, float], None]] = []
 
     # -- the call's side ----------------------------------------------------------------
 
@@ -118,14 +92,9 @@ class Admission:
         loop = asyncio.get_running_loop()
         with self._lock:
             self._check_limits(tenant, tokens, key)
-            waiter = _Waiter(
-                next(self._seq),
-                tenant,
-                key,
-                seats,
-                self.clock(),
-                loop.create_future(),
-                loop,
+            fut = loop.create_future()
+            waiter = Waiter(
+                next(self._seq), tenant, key, seats, self.clock(), fut, loop
             )
             self._active[tenant] += 1
             self._queues.setdefault(tenant, deque()).append(waiter)
@@ -139,7 +108,25 @@ class Admission:
             self._abandon(waiter)
             raise
 
-    async def _wait(self, waiter: _Waiter, disconnected) -> Ticket:
+    async def again(self, ticket: Ticket, disconnected=None) -> Ticket:
+        """The call's slot went to another call after all: its seats go back, and it waits
+        again, first of its tenant's queue, blocked since it first was."""
+        waiter, loop = ticket.waiter, asyncio.get_running_loop()
+        with self._lock:
+            self._unreserve(ticket)
+            ticket.released = True
+            self._in_use -= ticket.seats
+            waiter.future, waiter.loop = loop.create_future(), loop
+            waiter.blocked, waiter.blocked_since = True, ticket.blocked_since
+            self._queues.setdefault(waiter.tenant, deque()).appendleft(waiter)
+            self._dispatch()
+        try:
+            return await self._wait(waiter, disconnected)
+        except BaseException:
+            self._abandon(waiter)
+            raise
+
+    async def _wait(self, waiter: Waiter, disconnected) -> Ticket:
         watcher = None
         if disconnected is not None and not waiter.future.done():
             watcher = asyncio.ensure_future(disconnected())
@@ -163,7 +150,7 @@ class Admission:
             if watcher is not None:
                 watcher.cancel()
 
-    def _abandon(self, waiter: _Waiter) -> None:
+    def _abandon(self, waiter: Waiter) -> None:
         with self._lock:
             queue = self._queues.get(waiter.tenant)
             if queue is not None and waiter in queue:
@@ -193,7 +180,7 @@ class Admission:
         if self._buckets is not None and tokens > 0:
             self._buckets.take(tenant, tokens, self.clock())
 
-    def _expire(self, waiter: _Waiter) -> None:
+    def _expire(self, waiter: Waiter) -> None:
         since = waiter.blocked_since
         if since is None or self.clock() - since < self.config.adapter_wait_s:
             return
@@ -229,7 +216,7 @@ class Admission:
         )
         return free + evictable - pending
 
-    def _ready(self, w: _Waiter, room_left: int) -> bool:
+    def _ready(self, w: Waiter, room_left: int) -> bool:
         fits = self._in_use == 0 or self._in_use + w.seats <= self.config.seats
         if w.key is None:
             return fits
@@ -242,7 +229,7 @@ class Admission:
             w.blocked_since = None
         return fits and not w.blocked
 
-    def _due(self) -> _Waiter | None:
+    def _due(self) -> Waiter | None:
         due = [
             w
             for q in self._queues.values()
@@ -267,11 +254,10 @@ class Admission:
         room_left = self._room_left()
         while self._queues and self._in_use < self.config.seats:
             due = self._due()
-            pick = None
-            for w in [due] if due else self._in_turn():
-                if self._ready(w, room_left):
-                    pick = w
-                    break
+            if due is not None and self._ready(due, room_left):
+                pick = due
+            else:
+                pick = self._next_ready(room_left, due)
             if pick is None:
                 return
             if pick.key is not None and pick.where in ("host", "disk"):
@@ -282,19 +268,39 @@ class Admission:
             if self._where_cache is None:  # a nested release ended the pass
                 return
 
-    def _grant(self, w: _Waiter) -> None:
+    def _next_ready(self, room_left: int, due: Waiter | None) -> Waiter | None:
+        """The first ready call in turn. While `due` waits for a slot, another call may
+        start only if it leaves `due` its seats, needs no slot of its own, and does not
+        pin the adapter whose slot should free first (the fewest pins)."""
+        if due is None:
+            return next((w for w in self._in_turn() if self._ready(w, room_left)), None)
+        victim = self.residency.victim()
+        for w in self._in_turn():
+            if w is due or self._in_use + w.seats + due.seats > self.config.seats:
+                continue
+            if w.key is None:
+                return w
+            if w.key != victim and (
+                self._where(w.key) in ("device", "loading") or self._reserved[w.key]
+            ):
+                w.where = self._where(w.key)
+                return w
+        return None
+
+    def _grant(self, w: Waiter) -> None:
         self._remove(w)
         for other in self._in_turn():
             if other.blocked and other.seq < w.seq:
                 other.bypassed += 1
                 self._bypassed_total += 1
         self._in_use += w.seats
-        self._grants.append(w.tenant)
+        self._grants.append((w.tenant, tuple(sorted(self._queues))))
         self._served[w.tenant] = next(self._grant_seq)
         waited = self.clock() - w.enqueued
-        ticket = Ticket(self, w.tenant, w.key, w.seats, waited, w.where)
+        ticket = Ticket(self, w, w.tenant, w.key, w.seats, waited, w.where)
+        ticket.blocked_since = w.blocked_since or (self.clock() if w.blocked else None)
         for observe in self.waits:
-            observe(w.where, waited)
+            observe(w.tenant, w.where, waited)
         if w.future.done():  # cancelled: give the seats back at once
             self._release(ticket)
             return
@@ -305,14 +311,14 @@ class Admission:
         if running is w.loop:
             w.future.set_result(ticket)
         else:
-            w.loop.call_soon_threadsafe(_settle, w.future, ticket, self)
+            w.loop.call_soon_threadsafe(settle, w.future, ticket, self)
 
     def _leave(self, tenant: str) -> None:
         self._active[tenant] -= 1
         if self._active[tenant] <= 0:
             del self._active[tenant]
 
-    def _remove(self, w: _Waiter) -> None:
+    def _remove(self, w: Waiter) -> None:
         queue = self._queues[w.tenant]
         queue.remove(w)
         if not queue:
@@ -322,21 +328,26 @@ class Admission:
 
     def _loaded(self, ticket: Ticket, seconds: float) -> None:
         with self._lock:
-            if ticket.acquired:
-                return
-            ticket.acquired = True
-            if ticket.key is not None and ticket.where in ("host", "disk"):
-                self._reserved[ticket.key] -= 1
-                if self._reserved[ticket.key] <= 0:
-                    del self._reserved[ticket.key]
+            if self._unreserve(ticket):
                 self._load[ticket.where].add(seconds)
+
+    def _unreserve(self, ticket: Ticket) -> bool:
+        """End the call's reservation of a slot; whether it had one."""
+        if ticket.acquired:
+            return False
+        ticket.acquired = True
+        if ticket.key is None or ticket.where not in ("host", "disk"):
+            return False
+        self._reserved[ticket.key] -= 1
+        if self._reserved[ticket.key] <= 0:
+            del self._reserved[ticket.key]
+        return True
 
     def _release(self, ticket: Ticket) -> None:
         with self._lock:
             if ticket.released:
                 return
-            if not ticket.acquired:
-                self._loaded(ticket, 0.0)
+            self._unreserve(ticket)
             ticket.released = True
             self._in_use -= ticket.seats
             self._leave(ticket.tenant)
@@ -378,16 +389,9 @@ class Admission:
                 recent_grants=list(self._grants),
             )
 
-    def _prefetch(self, waiter: _Waiter) -> None:
+    def _prefetch(self, waiter: Waiter) -> None:
         if waiter.key is None or waiter.where not in ("host", "disk"):
             return
         free, _ = self.residency.room()
         # Into a free slot (no eviction), else into host memory: the load overlaps the wait.
         self.residency.prefetch(waiter.key, "device" if free > 0 else "host")
-
-
-def _settle(future: asyncio.Future, ticket: Ticket, admission: Admission) -> None:
-    if future.done():  # the call gave up before the grant arrived
-        admission._release(ticket)
-    else:
-        future.set_result(ticket)

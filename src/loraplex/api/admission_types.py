@@ -3,6 +3,7 @@ the tenants' token buckets and the running estimates behind the expected wait.""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -37,6 +38,10 @@ class AdapterResidency(Protocol):
     def prefetch(self, key: Hashable, to: str) -> None:
         """Start loading `key` to "host" or "device" without pinning it; never raises."""
 
+    def victim(self) -> Hashable | None:
+        """The adapter in a device slot that should free first (fewest pins, not pinned
+        by an operator), or None."""
+
 
 class AllResident:
     """The residency of a resolver that does not know its pool: everything is resident."""
@@ -48,6 +53,9 @@ class AllResident:
         return (1 << 30, 0)
 
     def prefetch(self, key: Hashable, to: str) -> None:
+        return None
+
+    def victim(self) -> Hashable | None:
         return None
 
 
@@ -67,10 +75,28 @@ class ClientGone(Exception):
 
 
 @dataclass(eq=False)
+class Waiter:
+    """A call waiting for its turn."""
+
+    seq: int
+    tenant: str
+    key: Hashable | None  # None: the base model
+    seats: int
+    enqueued: float
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    bypassed: int = 0
+    blocked: bool = False  # last examined: its adapter had no slot to go to
+    blocked_since: float | None = None
+    where: str = "base"
+
+
+@dataclass(eq=False)
 class Ticket:
     """An admitted call; `release` (idempotent) gives its seats back."""
 
     admission: Admission
+    waiter: Waiter
     tenant: str
     key: Hashable | None
     seats: int
@@ -78,6 +104,7 @@ class Ticket:
     where: str  # the adapter's residency when the call was admitted
     acquired: bool = False
     released: bool = False
+    blocked_since: float | None = None  # it waited for a slot from then
 
     def loaded(self, seconds: float) -> None:
         """The adapter is pinned (it took `seconds`): its reservation of a slot ends."""
@@ -99,7 +126,8 @@ class AdmissionStats:
     expected_wait_s: float
     bypassed_total: int
     held_for_slot: bool  # a call is due: nothing else starts until it gets a slot
-    recent_grants: list[str] = field(default_factory=list)  # tenants, oldest first
+    # The last grants, oldest first: (tenant, the other tenants that had calls waiting).
+    recent_grants: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
 
 
 class TokenBuckets:
@@ -114,9 +142,7 @@ class TokenBuckets:
         """Spend `tokens`, or raise Refused (429) with the seconds until they are there."""
         level, then = self._levels.get(tenant, (self.burst, now))
         level = min(self.burst, level + (now - then) * self.rate)
-        needed = min(
-            tokens, self.burst
-        )  # a call bigger than the bucket waits for a full one
+        needed = min(tokens, self.burst)  # a bigger call waits for a full bucket
         if level < needed:
             self._levels[tenant] = (level, now)
             wait = (needed - level) / self.rate
@@ -142,3 +168,10 @@ class Ewma:
         self.value = (
             sample if old is None else (1 - self.weight) * old + self.weight * sample
         )
+
+
+def settle(future: asyncio.Future, ticket: Ticket, admission: Admission) -> None:
+    if future.done():  # the call gave up before the grant arrived
+        admission._release(ticket)
+    else:
+        future.set_result(ticket)

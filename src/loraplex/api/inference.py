@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
+from loraplex.adapters_registry import PoolExhausted
 from loraplex.platform import (
     EngineDeadError,
     InvalidRequestError,
@@ -19,6 +20,7 @@ from loraplex.platform import (
 )
 
 from .admission import ClientGone, Refused
+from .admission_types import AllResident
 from .engine_client import OutputStream, Submission
 from .errors import ApiError
 from .generation import ChoiceResult, merge, run_until_disconnect
@@ -171,11 +173,11 @@ async def admitted(
             state.active_by_tenant[tenant] -= 1
 
     try:
-        ticket = await _turn(state, tenant, key, seats, tokens, receive)
+        ticket = await _turn(
+            state, state.admission.admit(tenant, key, seats, tokens, _gone(receive))
+        )
         if key is not None:
-            started = time.monotonic()
-            lease = await state.resolver.acquire(principal, model)
-            ticket.loaded(time.monotonic() - started)
+            lease, ticket = await _pin(state, principal, model, ticket, receive)
             if lease is None:
                 raise _not_found(model)
         slot = lease.slot if lease is not None else None
@@ -209,15 +211,22 @@ async def _locate(state: ApiState, principal: Principal, model: str):
     return key
 
 
-async def _turn(state: ApiState, tenant: str, key, seats: int, tokens: int, receive):
+def _gone(receive):
+    """A coroutine function that returns once the client has disconnected."""
+    if receive is None:
+        return None
+
     async def disconnected() -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
 
+    return disconnected
+
+
+async def _turn(state: ApiState, waiting):
+    """Await admission (`waiting`); its refusals in the one error shape."""
     try:
-        return await state.admission.admit(
-            tenant, key, seats, tokens, disconnected if receive else None
-        )
+        return await waiting
     except Refused as exc:
         state.metrics.rejections.labels(exc.reason).inc()
         raise ApiError(
@@ -226,6 +235,28 @@ async def _turn(state: ApiState, tenant: str, key, seats: int, tokens: int, rece
     except ClientGone:
         # Nobody reads this answer; 499 is the status proxies log for it.
         raise ApiError(499, "the client closed the request while it waited") from None
+
+
+async def _pin(state: ApiState, principal: Principal, model: str, ticket, receive):
+    """Pin the adapter's slot: (lease, ticket). When admission knows residency the pool is
+    only tried, never waited on: if another call took the slot first, this call waits for
+    its turn again rather than holding a worker thread while every slot is pinned."""
+    tries = not isinstance(state.admission.residency, AllResident)
+    while True:
+        started = time.monotonic()
+        try:
+            if tries:
+                lease = await state.resolver.acquire(principal, model, wait_s=0)
+            else:
+                lease = await state.resolver.acquire(principal, model)
+        except PoolExhausted:
+            if not tries:
+                raise
+            waiting = state.admission.again(ticket, _gone(receive))
+            ticket = await _turn(state, waiting)
+            continue
+        ticket.loaded(time.monotonic() - started)
+        return lease, ticket
 
 
 async def submit(

@@ -304,8 +304,8 @@ class ApiMetrics:
         self.registry.register(self.tenant_cache)
         self.admission_wait = Histogram(
             "loraplex_admission_wait_seconds",
-            "Time from arrival to admission, by where the adapter was (base: none).",
-            ["residency"],
+            "Time from arrival to admission, by tenant and where the adapter was.",
+            ["tenant", "residency"],
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -333,7 +333,7 @@ class ApiMetrics:
         self._admission = AdmissionCollector(admission)
         self.registry.register(self._admission)
         wait = self.admission_wait
-        admission.waits.append(lambda where, s: wait.labels(where).observe(s))
+        admission.waits.append(lambda t, where, s: wait.labels(t, where).observe(s))
 
     def _admission_waiting(self) -> int:
         return self._admission.admission.stats().waiting if self._admission else 0

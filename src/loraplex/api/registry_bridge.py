@@ -56,11 +56,14 @@ class RegistryResolver:
         self.registry = registry
         self.pool = pool
 
-    async def acquire(self, principal: Principal, name: str) -> PoolLease | None:
+    async def acquire(
+        self, principal: Principal, name: str, wait_s: float | None = None
+    ) -> PoolLease | None:
         """None when the caller has no such adapter (another tenant's reads the same).
 
+        :param wait_s: how long to wait while every slot is pinned (default: the pool's).
         :raises AdapterNotReady: the caller's adapter exists but no version is servable.
-        :raises PoolExhausted: every slot stayed pinned for the pool's wait (retryable).
+        :raises PoolExhausted: every slot stayed pinned for the wait (retryable).
         """
         if principal.tenant_id is None:
             return None
@@ -70,7 +73,7 @@ class RegistryResolver:
             )
         except (AdapterNotFound, NameInvalid):
             return None
-        slot = await asyncio.to_thread(self.pool.acquire, adapter.id)
+        slot = await asyncio.to_thread(self.pool.acquire, adapter.id, wait_s)
         lease = PoolLease(self.pool, adapter.id, slot, adapter.sha256)
         try:
             await asyncio.to_thread(self.registry.catalog.touch, adapter.id)
@@ -100,6 +103,10 @@ class RegistryResolver:
         taken = sum(e.slot is not None for e in entries)
         idle = sum(e.on_device and e.pins == 0 for e in entries)
         return self.pool.config.max_loras - taken, idle
+
+    def victim(self) -> int | None:
+        idle = [e for e in self.pool.snapshot() if e.on_device and not e.admin_pinned]
+        return min(idle, key=lambda e: e.pins).key if idle else None  # LRU first
 
     def prefetch(self, key: int, to: str) -> None:
         # A failed load surfaces when a request acquires the adapter; nothing waits here.

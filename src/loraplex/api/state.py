@@ -112,7 +112,8 @@ class ApiState:
             adapter_wait_s=c.adapter_wait_s,
         )
         knows_residency = all(
-            hasattr(self.resolver, name) for name in ("residency", "room", "prefetch")
+            hasattr(self.resolver, name)
+            for name in ("residency", "room", "prefetch", "victim")
         )
         residency = self.resolver if knows_residency else AllResident()
         self.admission = Admission(admission, residency)
