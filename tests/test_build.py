@@ -275,7 +275,11 @@ def test_gpu_build_records_the_card_and_serves_what_quantizing_at_load_serves(
         f"r{i}": (torch.randint(0, 256, (n,), generator=gen).tolist(), greedy, None)
         for i, n in enumerate([3, 40, 200, 7])
     }
-    loaded = Engine(EngineConfig(model=str(out), device="cuda", max_loras=0))
+    # Two engines in one process: explicit KV sizes, or the first plans 90% of the card for
+    # itself and the second finds nothing left (the memory plan counts the whole card).
+    loaded = Engine(
+        EngineConfig(model=str(out), device="cuda", max_loras=0, num_kv_blocks=256)
+    )
     assert loaded.dtype == torch.bfloat16 and loaded.config.max_num_seqs == 8
     at_load = Engine(
         EngineConfig(
@@ -285,6 +289,7 @@ def test_gpu_build_records_the_card_and_serves_what_quantizing_at_load_serves(
             quantization="fp8",
             max_num_seqs=8,
             max_loras=0,
+            num_kv_blocks=256,
         )
     )
     assert run_to_completion(loaded, requests) == run_to_completion(at_load, requests)
