@@ -1,4 +1,6 @@
-"""SIGTERM drains `loraplex serve`: readiness and new requests get 503, streams finish, exit 0."""
+"""SIGTERM drains `loraplex serve`: readiness and new requests get 503, the 20 streams in flight
+finish, an upload whose body arrived completes, one still sending is cut and leaves nothing
+behind (no row in progress, no temp file), and the process exits 0."""
 
 from __future__ import annotations
 
@@ -12,6 +14,12 @@ import time
 
 import httpx
 from server_utils import free_port
+
+from loraplex.adapters_registry import AdapterRegistry, RegistryConfig
+from loraplex.loadgen import BaseShapes, random_adapter
+from loraplex.platform import ModelSpec
+
+STREAMS = 20
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -27,35 +35,64 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
     raise AssertionError("the server did not become ready")
 
 
-def test_sigterm_lets_streams_finish_then_exits_0(demo_assets, tmp_path):
+def slow_upload(url, key, name, files, seconds: float, result: dict, stop):
+    """POST a multipart upload whose body trickles in over `seconds` (or until `stop`)."""
+    request = httpx.Request(
+        "POST", f"{url}/v1/adapters", data={"name": name}, files=files
+    )
+    body = request.read()
+    pieces = 50
+
+    def trickle():
+        step = -(-len(body) // pieces)
+        for i in range(0, len(body), step):
+            yield body[i : i + step]
+            if stop.wait(seconds / pieces):
+                return
+
+    headers = {
+        "Authorization": f"Bearer {key}",
+        "Content-Type": request.headers["Content-Type"],
+    }
+    try:
+        response = httpx.post(
+            f"{url}/v1/adapters", content=trickle(), headers=headers, timeout=120
+        )
+        result[name] = response.status_code
+    except httpx.HTTPError as exc:
+        result[name] = type(exc).__name__
+
+
+def test_sigterm_lets_streams_and_uploads_finish_then_exits_0(demo_assets, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    spool = tmp_path / "spool"  # where the server spools upload bodies
+    spool.mkdir()
     env = {
         **os.environ,
         "LORAPLEX_DEMO_DIR": str(demo_assets.root),
         "LORAPLEX_ADMIN_KEY": "admin-key",
         "PYTHONUNBUFFERED": "1",
+        "TMPDIR": str(spool),
     }
+    data_dir = tmp_path / "data"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "loraplex",
-            "serve",
-            "--port",
-            str(port),
-            "--device",
-            "cpu",
-            "--data-dir",
-            str(tmp_path / "data"),
-            "--shutdown-timeout",
-            "60",
-        ],
+        [sys.executable, "-m", "loraplex", "serve", "--port", str(port)]
+        + ["--device", "cpu", "--data-dir", str(data_dir), "--shutdown-timeout", "60"]
+        + ["--max-lora-rank", "32"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    shapes = BaseShapes.from_model_dir(demo_assets.model)
+    config, weights = random_adapter(shapes, 32, seed=1, dtype="float32")
+    files = {
+        "config": ("adapter_config.json", config),
+        "weights": ("adapter_model.safetensors", weights),
+    }
+    uploads: dict = {}
+    stop = threading.Event()
     try:
         key = None
         for line in proc.stdout:
@@ -69,11 +106,11 @@ def test_sigterm_lets_streams_finish_then_exits_0(demo_assets, tmp_path):
         body = {
             "model": "pirate",
             "prompt": "Hi",
-            "max_tokens": 300,
+            "max_tokens": 150,
             "stream": True,
             "ignore_eos": True,
         }
-        started = threading.Barrier(5)
+        started = threading.Barrier(STREAMS + 1)
         endings: list[list[str]] = []
 
         def stream() -> None:
@@ -88,10 +125,20 @@ def test_sigterm_lets_streams_finish_then_exits_0(demo_assets, tmp_path):
                         lines.append(line)
             endings.append(lines)
 
-        workers = [threading.Thread(target=stream) for _ in range(4)]
+        workers = [threading.Thread(target=stream) for _ in range(STREAMS)]
+        # One upload's body ends just after SIGTERM; one's would take far longer than
+        # the drain.
+        workers += [
+            threading.Thread(
+                target=slow_upload,
+                args=(url, key, name, files, seconds, uploads, stop),
+            )
+            for name, seconds in (("in-time", 2.0), ("too-slow", 600.0))
+        ]
         for w in workers:
             w.start()
         started.wait(timeout=60)
+        time.sleep(1.0)
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         assert httpx.get(f"{url}/readyz").status_code == 503
@@ -101,14 +148,31 @@ def test_sigterm_lets_streams_finish_then_exits_0(demo_assets, tmp_path):
             json={"model": "pirate", "prompt": "Hi", "max_tokens": 2},
         )
         assert refused.status_code == 503 and "Retry-After" in refused.headers
-        for w in workers:
+        for w in workers[:STREAMS]:
             w.join(120)
         assert proc.wait(60) == 0
     finally:
+        stop.set()
         if proc.poll() is None:
             proc.kill()
-    assert len(endings) == 4
+    for w in workers[STREAMS:]:
+        w.join(30)
+    assert len(endings) == STREAMS
     for lines in endings:
         assert lines[-1] == "data: [DONE]"
         last = json.loads(lines[-2][len("data: ") :])
         assert last["choices"][0]["finish_reason"] == "length"
+    assert uploads["in-time"] == 201
+    assert uploads["too-slow"] != 201  # cut when the server stopped
+    # Nothing half-done: a restart finds nothing to repair, and no spooled body is left.
+    assert list(spool.iterdir()) == []
+    registry = AdapterRegistry(
+        RegistryConfig(data_dir, 32), ModelSpec.from_dir(demo_assets.model)
+    )
+    try:
+        assert not registry.startup_report.changed, registry.startup_report
+        states = {a.name: a.state for a in registry.catalog.list_adapters()}
+        assert states["in-time"] == "ready" and "too-slow" not in states
+        assert registry.store.temp_entries() == []
+    finally:
+        registry.close()
