@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -38,17 +38,20 @@ class ChoiceResult:
 
 
 async def merge(
-    streams: list[OutputStream],
+    streams: list[OutputStream], on_done: Callable[[], None] | None = None
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Interleave output streams as outputs arrive: (stream index, output).
 
     A stream that fails (its engine was lost) raises its error here: a failed stream must
     not read as one that ended. Closing the merged iterator (or cancelling its consumer)
-    aborts every unfinished request.
+    aborts every unfinished request. `on_done` runs once every stream has ended, as soon as
+    the engine is done, even while the consumer still sends earlier outputs to a slow client.
     """
     queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
+    pumping = len(streams)
 
     async def pump(i: int, stream: OutputStream) -> None:
+        nonlocal pumping
         try:
             async for out in stream:
                 await queue.put((i, out))
@@ -56,6 +59,9 @@ async def merge(
             await queue.put((i, exc))
         finally:
             await queue.put((i, None))
+            pumping -= 1
+            if pumping == 0 and on_done is not None:
+                on_done()
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     remaining = len(tasks)

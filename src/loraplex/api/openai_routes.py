@@ -139,7 +139,9 @@ async def create_completion(
             )
 
             async def events() -> AsyncIterator[bytes]:
-                async for i, out in merge(streams):
+                # Seats and slot go to the next call once the engine is done, not
+                # when a slow client has read the last chunk.
+                async for i, out in merge(streams, on_done=release):
                     timers[i].observe(out)
                     r = results[i]
                     offset = len(r.text)
@@ -256,7 +258,9 @@ async def create_chat_completion(
                             ],
                         }
                     )
-                async for i, out in merge(streams):
+                # Seats and slot go to the next call once the engine is done, not
+                # when a slow client has read the last chunk.
+                async for i, out in merge(streams, on_done=release):
                     timers[i].observe(out)
                     r = results[i]
                     r.add(out)
