@@ -153,6 +153,8 @@ def engine_config(settings: ServeSettings, model: Path) -> EngineConfig:
         quantization=settings.quantization,
         enable_prefix_caching=settings.enable_prefix_caching,
         load_format=settings.load_format,
+        enforce_eager=settings.enforce_eager,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
     )
 
 

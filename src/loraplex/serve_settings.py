@@ -110,6 +110,17 @@ class ServeSettings(BaseSettings):
         "(an engine directory of loraplex build is FP8 already)",
     )
     device: str = Field(default="auto", description="cpu, cuda, cuda:N or auto")
+    enforce_eager: bool = Field(
+        default=False,
+        description="no CUDA graphs and no torch.compile (faster start, slower decode)",
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.9,
+        gt=0,
+        le=1,
+        description="share of the GPU's memory the engine may fill; the KV cache gets "
+        "what weights, adapter slots and activations leave",
+    )
     load_format: Literal["auto", "dummy"] = Field(
         default="auto",
         description="auto: the checkpoint's weights; dummy: random weights of its "
