@@ -84,6 +84,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--skip", default="", help="phases to skip: ttft, fairness")
     p.add_argument("--serve-args", default="", help="more `loraplex serve` options")
     p.add_argument("--commit", default=os.environ.get("LORAPLEX_COMMIT", "unknown"))
+    if p.parse_args().smoke:  # small defaults; flags given still win
+        p.set_defaults(sizes="2,4,8", slots=4, seqs=8, distinct=2, prompt_len=16)
+        p.set_defaults(output_len=8, rate=20.0, requests=24, ttft_requests=16)
+        p.set_defaults(fair_requests=8, concurrency=16)
     return p.parse_args()
 
 
@@ -333,11 +337,6 @@ def table(out: dict) -> str:
 def main() -> None:
     args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.smoke:
-        defaults = {"sizes": "2,4,8", "slots": 4, "seqs": 8, "distinct": 2}
-        defaults |= {"prompt_len": 16, "output_len": 8, "rate": 20.0, "requests": 24}
-        defaults |= {"ttft_requests": 16, "fair_requests": 8, "concurrency": 16}
-        args = argparse.Namespace(**{**vars(args), **defaults})
     device, card = card_name()
     out = run(args)
     date = datetime.date.today().isoformat()
