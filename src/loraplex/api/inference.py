@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -241,7 +242,9 @@ async def _pin(state: ApiState, principal: Principal, model: str, ticket, receiv
     """Pin the adapter's slot: (lease, ticket). When admission knows residency the pool is
     only tried, never waited on: if another call took the slot first, this call waits for
     its turn again rather than holding a worker thread while every slot is pinned."""
-    tries = not isinstance(state.admission.residency, AllResident)
+    tries = not isinstance(state.admission.residency, AllResident) and (
+        "wait_s" in inspect.signature(state.resolver.acquire).parameters
+    )  # a resolver whose engines pin slots themselves (replicas) has no pool to try
     while True:
         started = time.monotonic()
         try:
