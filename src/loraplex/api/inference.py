@@ -161,9 +161,9 @@ async def admitted(
     state.active_by_tenant[tenant] += 1
     ticket = lease = None
 
-    def release() -> (
-        None
-    ):  # idempotent: the stream's cleanup and error paths may both call
+    # Idempotent: the end of the engine's work, the stream's cleanup and the error paths
+    # may all call it.
+    def release() -> None:
         nonlocal ticket, lease
         if lease is not None:
             lease, done = None, lease
@@ -245,21 +245,28 @@ async def _pin(state: ApiState, principal: Principal, model: str, ticket, receiv
     tries = not isinstance(state.admission.residency, AllResident) and (
         "wait_s" in inspect.signature(state.resolver.acquire).parameters
     )  # a resolver whose engines pin slots themselves (replicas) has no pool to try
-    while True:
-        started = time.monotonic()
-        try:
-            if tries:
-                lease = await state.resolver.acquire(principal, model, wait_s=0)
-            else:
-                lease = await state.resolver.acquire(principal, model)
-        except PoolExhausted:
-            if not tries:
-                raise
-            waiting = state.admission.again(ticket, _gone(receive))
-            ticket = await _turn(state, waiting)
-            continue
-        ticket.loaded(time.monotonic() - started)
-        return lease, ticket
+    first = ticket
+    try:
+        while True:
+            started = time.monotonic()
+            try:
+                if tries:
+                    lease = await state.resolver.acquire(principal, model, wait_s=0)
+                else:
+                    lease = await state.resolver.acquire(principal, model)
+            except PoolExhausted:
+                if not tries:
+                    raise
+                ticket = await _turn(
+                    state, state.admission.again(ticket, _gone(receive))
+                )
+                continue
+            ticket.loaded(time.monotonic() - started)
+            return lease, ticket
+    except BaseException:
+        if ticket is not first:  # the caller only knows (and releases) the first
+            ticket.release()
+        raise
 
 
 async def submit(
