@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import math
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -30,6 +29,7 @@ from loraplex.kernels.attention.decode import DecodeConfig, choose_decode_config
 from loraplex.kernels.attention.kv_write import write_kv_triton
 from loraplex.kernels.attention.paged import paged_attention_triton
 from loraplex.kernels.attention.prefill import PrefillConfig, choose_prefill_config
+from provenance import git_commit as provenance_commit
 from sgmv_timing import GraphTimer, copy_bandwidth, eager
 
 L2_BYTES = 50e6
@@ -330,16 +330,7 @@ def print_table(result: dict) -> None:
 
 
 def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    return provenance_commit()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,9 +17,7 @@ import dataclasses
 import datetime
 import gc
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +38,7 @@ from engine_workload import (
     write_model_dir,
 )
 from loraplex.platform import Engine, EngineConfig, SamplingParams
+from provenance import git_commit as provenance_commit
 
 
 def parse_args() -> argparse.Namespace:
@@ -165,15 +164,7 @@ def prefill_run(engine, length: int, fp8_tflops: float | None) -> dict:
 
 
 def git_commit() -> str:
-    """The commit measured: LORAPLEX_COMMIT when set (a GPU host's copy may lack .git)."""
-    if os.environ.get("LORAPLEX_COMMIT"):
-        return os.environ["LORAPLEX_COMMIT"]
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    return provenance_commit()
 
 
 def main() -> None:

@@ -23,7 +23,6 @@ import argparse
 import datetime
 import json
 import math
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -35,6 +34,7 @@ from loraplex.kernels import fp8
 from loraplex.kernels.fp8 import dispatch, gemv
 from loraplex.kernels.fp8._launch import num_sms
 from loraplex.kernels.fp8.gemm import GemmConfig
+from provenance import git_commit as provenance_commit
 from sgmv_timing import GraphTimer, copy_bandwidth, eager
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096)}
@@ -351,16 +351,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    return provenance_commit()
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ import datetime
 import json
 import math
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ import torch
 
 from engine_workload import LLAMA_8B, SMOKE, random_adapter, write_model_dir
 from loraplex.platform import Engine, EngineConfig, PrefixScope, SamplingParams
+from provenance import git_commit as provenance_commit
 
 RANK = 16
 FULL = {"requests": 64, "adapters": 8, "system": 2048, "question": 64, "new_tokens": 32}
@@ -147,12 +147,7 @@ def _quantile(values: list[float], q: float) -> float:
 
 
 def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    return provenance_commit()
 
 
 def versions() -> dict:
