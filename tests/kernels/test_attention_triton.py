@@ -8,11 +8,6 @@ random inputs over a NaN-filled cache and writes into a NaN-poisoned output.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from test_attention_cases import (
@@ -24,11 +19,10 @@ from test_attention_cases import (
     worst_sequence_error,
 )
 
+from interpreter import INTERPRETING, run_in_interpreter
 from loraplex.kernels import attention
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3}
-QUIET = ["-W", "ignore:Conversion of an array with ndim:DeprecationWarning"]
 
 DECODES = [(5, 1), (17, 1), (40, 1), (0, 1), (31, 1)]
 PREFILLS = [(0, 37), (0, 5), (0, 16), (0, 2)]
@@ -40,34 +34,7 @@ MIXED = [(0, 23), (20, 19), PAD, (37, 1), (3, 1), (30, 17), (16, 16), (45, 2), P
 
 def test_kernels_in_the_interpreter():
     """Runs this file's cases in a child process with TRITON_INTERPRET=1."""
-    if INTERPRETING:
-        pytest.skip("this is the child process")
-    pytest.importorskip("triton")
-    import numpy
-
-    if tuple(int(p) for p in numpy.__version__.split(".")[:2]) >= (2, 4):
-        pytest.skip(
-            f"Triton's interpreter needs numpy < 2.4, found {numpy.__version__}"
-        )
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            *QUIET,
-            __file__,
-        ],
-        cwd=Path(__file__).resolve().parents[2],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    run_in_interpreter(__file__)
 
 
 def interpreted(test):

@@ -7,15 +7,11 @@ table and the `_scaled_mm` wrapper need no interpreter and run in the parent.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from fp8_cases import expected_y, make_weight, relative_error, representable_x
 
+from interpreter import run_in_interpreter
 from loraplex.kernels import fp8
 from loraplex.kernels.fp8 import (
     FP8_DTYPE,
@@ -32,42 +28,12 @@ from loraplex.kernels.fp8.dispatch import (
 )
 from loraplex.kernels.fp8.gemm import GemmConfig
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-QUIET = ["-W", "ignore:Conversion of an array with ndim:DeprecationWarning"]
 TOLERANCE = {torch.float32: 2e-6, torch.float16: 1e-3}
 
 
 def test_kernels_in_the_interpreter():
     """Runs this file's interpreter cases in a child process with TRITON_INTERPRET=1."""
-    if INTERPRETING:
-        pytest.skip("this is the child process")
-    pytest.importorskip("triton")
-    import numpy
-
-    if tuple(int(p) for p in numpy.__version__.split(".")[:2]) >= (2, 4):
-        pytest.skip(
-            f"Triton's interpreter needs numpy < 2.4, found {numpy.__version__}"
-        )
-    root = Path(__file__).resolve().parents[2]
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            *QUIET,
-            __file__,
-        ],
-        cwd=root,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    run_in_interpreter(__file__)
 
 
 def interpreted(test):

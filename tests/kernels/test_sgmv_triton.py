@@ -8,11 +8,6 @@ process, where the rest of the suite runs compiled, only starts it. Tiny shapes,
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from sgmv_cases import (
@@ -23,6 +18,7 @@ from sgmv_cases import (
     relative_error,
 )
 
+from interpreter import INTERPRETING, run_in_interpreter
 from loraplex.kernels import sgmv
 from loraplex.kernels.sgmv import (
     LoraSegmentBuffers,
@@ -30,44 +26,13 @@ from loraplex.kernels.sgmv import (
     segments_from_slot_tensor,
 )
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3}
 QKV_WIDTHS = (32, 16, 16)  # GQA: q wider than k and v
-# numpy 2.3 warns where Triton's interpreter turns a loop bound into an int (numpy 2.4 raises).
-QUIET = ["-W", "ignore:Conversion of an array with ndim:DeprecationWarning"]
 
 
 def test_kernels_in_the_interpreter():
     """Runs this file's cases in a child process with TRITON_INTERPRET=1."""
-    if INTERPRETING:
-        pytest.skip("this is the child process")
-    pytest.importorskip("triton")
-    import numpy
-
-    if tuple(int(p) for p in numpy.__version__.split(".")[:2]) >= (2, 4):
-        pytest.skip(
-            f"Triton's interpreter needs numpy < 2.4, found {numpy.__version__}"
-        )
-    root = Path(__file__).resolve().parents[2]
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            *QUIET,
-            __file__,
-        ],
-        cwd=root,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    run_in_interpreter(__file__)
 
 
 def interpreted(test):

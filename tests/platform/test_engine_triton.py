@@ -3,43 +3,18 @@ that the torch reference gives, for a batch mixing three adapters and the base m
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 from engine_utils import greedy, run_to_completion
 
 from checkpoints import save_random_adapter, save_tiny_model
+from interpreter import INTERPRETING, run_in_interpreter
 from loraplex.adapters_registry import load_adapter_dir
 from loraplex.platform import Engine, EngineConfig
-
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def test_engine_with_triton_kernels_in_the_interpreter():
     """Runs the case below in a child process with TRITON_INTERPRET=1."""
-    if INTERPRETING:
-        pytest.skip("this is the child process")
-    pytest.importorskip("triton")
-    import numpy
-
-    if tuple(int(p) for p in numpy.__version__.split(".")[:2]) >= (2, 4):
-        pytest.skip(
-            f"Triton's interpreter needs numpy < 2.4, found {numpy.__version__}"
-        )
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        cwd=Path(__file__).resolve().parents[2],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert "1 passed" in result.stdout
+    assert "1 passed" in run_in_interpreter(__file__)
 
 
 def test_triton_backend_matches_the_reference(tmp_path):
