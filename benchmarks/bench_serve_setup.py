@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine_workload import LLAMA_8B  # the standard workload's shapes
 from loraplex.adapters_registry import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -29,22 +30,6 @@ from loraplex.adapters_registry import (
 from loraplex.loadgen import BaseShapes, adapter_names, random_adapter
 from loraplex.platform import ModelSpec
 
-LLAMA_8B = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 128256,
-    "max_position_embeddings": 16384,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 500000.0,
-    "torch_dtype": "bfloat16",
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
 SMOKE = {  # the same code path on a CPU in seconds
     **LLAMA_8B,
     "hidden_size": 64,
