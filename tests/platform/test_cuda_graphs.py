@@ -116,10 +116,14 @@ def test_bucket_choice():
     assert default_buckets(100)[-2:] == (96, 100)
 
 
-def test_cuda_graphs_are_off_on_the_cpu_and_with_enforce_eager(adapters):
+def test_graphs_and_compiled_fusions_are_off_on_the_cpu(adapters):
+    """(On CUDA, test_engine_gpu.py checks that enforce_eager turns the graphs off.)"""
     model_dir, dirs = adapters
-    assert make_engine(model_dir, dirs, graphs=False).runner.decode_graphs is None
-    config = EngineConfig(model=str(model_dir), device="cpu", enforce_eager=True)
-    assert config.enforce_eager
+    engine = make_engine(model_dir, dirs, graphs=False)
+    assert engine.runner.decode_graphs is None
+    assert not engine.model.norm.fusions.compiled
+    assert engine.runner.memory_plan is None  # no GPU to plan: the CPU default KV size
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         EngineConfig(model=str(model_dir), gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        EngineConfig(model=str(model_dir), gpu_memory_utilization=0)
