@@ -130,6 +130,18 @@ def expected_shrink(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
     return v, owned
 
 
+def poisoned_v(p: Problem) -> torch.Tensor:
+    """The shrink's v from the float64 definition, rounded to float32, in rows 8 columns wider
+    than S·R; NaN in every entry no (token, column within rank) pair owns, and in the padding."""
+    v_exact, owned = expected_shrink(p)
+    rows = torch.full(
+        (v_exact.shape[0], v_exact.shape[1] + 8), float("nan"), device=p.x.device
+    )
+    v = rows[:, : v_exact.shape[1]]
+    v[owned] = v_exact[owned].float()
+    return v
+
+
 def expected_y(p: Problem, y_before: torch.Tensor) -> torch.Tensor:
     """y + the LoRA delta of every slice, in float64 (the definition, slot by slot)."""
     y = y_before.double().clone()

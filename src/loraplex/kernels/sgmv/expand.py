@@ -6,6 +6,11 @@ so a narrow k/v slice launches only its own blocks; axis 1 is the tile of tokens
 reads B only up to its slot's own rank for its slice: one step of 16 ranks for ranks up to 16,
 steps of up to 64 beyond; a slice of rank 0 exits. v (float32) is
 rounded to the activation dtype for the tensor-core product, which accumulates in float32.
+
+Two variants for decode tiles (up to 16 tokens): "per_block", the kernel below, and
+"multi_block" (`expand_blocks.py`: several output blocks per program, the next block's loads in
+flight during this block's product). `DECODE_EXPAND_VARIANT` says which one `sgmv_expand` runs
+for decode tiles by itself; tiles of more rows (prefill) always take the per-block kernel.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import triton
@@ -20,7 +26,20 @@ import triton.language as tl
 
 from ._launch import SUPPORTED_DTYPES, dot_precision, kernel_for, next_pow2
 from ._tiles import load_tile, output_block
+from .expand_blocks import (
+    ExpandBlocksConfig,
+    choose_expand_blocks_config,
+    launch_expand_blocks,
+)
 from .segments import LoraSegments
+
+ExpandVariant = Literal["per_block", "multi_block"]
+# The decode expand `sgmv_expand` runs when neither a config nor a variant is given. The
+# per-block kernel stays the default until the multi-block one is measured faster on an H100
+# (`benchmarks/bench_sgmv.py` times both on the decode shapes in one run).
+DECODE_EXPAND_VARIANT: ExpandVariant = "per_block"
+# Tiles of at most this many rows (BLOCK_M) are decode tiles.
+DECODE_BLOCK_M = 16
 
 
 @triton.jit
@@ -194,7 +213,8 @@ def sgmv_expand(
     slice_offsets: Sequence[int],
     segments: LoraSegments,
     *,
-    config: ExpandConfig | None = None,
+    config: ExpandConfig | ExpandBlocksConfig | None = None,
+    variant: ExpandVariant | None = None,
 ) -> None:
     """Launch the expand: y += the LoRA delta of every slice, in place (module docstring).
 
@@ -203,17 +223,55 @@ def sgmv_expand(
     :param lora_b: [num_slots, out_features, R], y's dtype, unit stride along the rank.
     :param ranks: [num_slots, S] int32; scales: [num_slots, S] float32.
     :param slice_offsets: S + 1 host ints: where each slice starts, then out_features.
-    :param config: overrides `choose_expand_config` (benchmarks sweep it).
+    :param config: overrides the chosen config; its type picks the kernel (benchmarks sweep it).
+    :param variant: the kernel without a config; None: `DECODE_EXPAND_VARIANT` for decode
+        tiles, "per_block" otherwise.
     """
     check_expand_inputs(y, v, lora_b, ranks, scales, slice_offsets, segments)
     offsets = tuple(int(o) for o in slice_offsets)
-    max_rank = lora_b.shape[2]
-    num_slices = ranks.shape[1]
     if segments.num_tiles == 0:
         return
-
     block_m = max(16, next_pow2(segments.max_tile_len))
-    cfg = config or choose_expand_config(block_m, y.dtype)
+    cfg = config or expand_config_for(y, offsets, segments, variant)
+    if isinstance(cfg, ExpandBlocksConfig):
+        launch_expand_blocks(
+            y, v, lora_b, ranks, scales, offsets, segments, block_m, cfg
+        )
+    else:
+        _launch_per_block(y, v, lora_b, ranks, scales, offsets, segments, block_m, cfg)
+
+
+def expand_config_for(
+    y: torch.Tensor,
+    slice_offsets: Sequence[int],
+    segments: LoraSegments,
+    variant: ExpandVariant | None = None,
+) -> ExpandConfig | ExpandBlocksConfig:
+    """The config (and with its type the kernel) `sgmv_expand` picks without one given."""
+    block_m = max(16, next_pow2(segments.max_tile_len))
+    if variant is None:
+        variant = DECODE_EXPAND_VARIANT if block_m <= DECODE_BLOCK_M else "per_block"
+    if variant == "per_block":
+        return choose_expand_config(block_m, y.dtype)
+    if variant != "multi_block":
+        raise ValueError(f"unknown expand variant {variant!r}")
+    widths = tuple(end - start for start, end in itertools.pairwise(slice_offsets))
+    return choose_expand_blocks_config(widths, segments.num_tiles, y.dtype, y.device)
+
+
+def _launch_per_block(
+    y: torch.Tensor,
+    v: torch.Tensor,
+    lora_b: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: tuple[int, ...],
+    segments: LoraSegments,
+    block_m: int,
+    cfg: ExpandConfig,
+) -> None:
+    max_rank = lora_b.shape[2]
+    num_slices = ranks.shape[1]
     first_blocks = [0]
     for start, end in itertools.pairwise(offsets):
         first_blocks.append(first_blocks[-1] + -(-(end - start) // cfg.block_n))
