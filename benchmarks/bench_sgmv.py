@@ -6,8 +6,10 @@
 Cases: decode (T = 1, 16, 64, 256, one adapter per token) and prefill (T = 4096, 8192, runs of
 512 tokens per adapter) for each LoRA linear of the 8B model (o, q/k/v, gate/up, down) at rank
 16, bf16; mixed ranks {8, 16, 64} against the rank-weighted ideal of uniform runs; a sweep of
-kernel configs; the launches LoRA adds to one decode step (32 layers x 4 linears). Writes
+kernel configs; the launches LoRA adds to one decode step (32 layers x 4 linears); the per-block
+and multi-block decode expands side by side (sgmv_variants.py). Writes
 OUT_DIR/bench_sgmv-<card>-<date>.json with every raw timing and prints a short table last.
+`--only expand_variants` runs only that section (any of the JSON's section keys may be named).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from sgmv_timing import (
     segment_loop,
     shrink,
 )
+from sgmv_variants import expand_variants, print_variants
 
 DTYPE = torch.bfloat16
 RANK = 16
@@ -302,6 +305,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--commit", default="unknown")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument(
+        "--only", nargs="+", metavar="SECTION", help="only these sections"
+    )
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.smoke else "cuda")
     torch.manual_seed(0)
@@ -331,6 +337,7 @@ def main(argv: list[str] | None = None) -> None:
         "mixed_ranks": [],
         "sweep": [],
         "decode_step": [],
+        "expand_variants": [],
         "base_fp8_weight_floor_us": base_weight_floor_us(bench, linears, num_layers),
         "errors": [],
     }
@@ -341,8 +348,11 @@ def main(argv: list[str] | None = None) -> None:
         ("mixed_ranks", lambda: mixed_ranks(bench, linears)),
         ("sweep", lambda: [] if args.no_sweep else sweep(bench, linears)),
         ("decode_step", lambda: decode_step(bench, linears, num_layers)),
+        ("expand_variants", lambda: expand_variants(bench, linears, RANK, L2_BYTES)),
     ]
     for key, run in sections:
+        if args.only and key not in args.only:
+            continue
         # One failing section must not cost the others' numbers: GPU time is scarce.
         try:
             produced = run()
@@ -359,6 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     from sgmv_report import print_report
 
     print_report(result)
+    print_variants(result["expand_variants"])
     print(f"wrote {path}", file=sys.stderr)
 
 
