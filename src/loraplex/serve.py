@@ -155,6 +155,7 @@ def engine_config(settings: ServeSettings, model: Path) -> EngineConfig:
         load_format=settings.load_format,
         enforce_eager=settings.enforce_eager,
         gpu_memory_utilization=settings.gpu_memory_utilization,
+        tensor_parallel_size=settings.tensor_parallel_size,
     )
 
 

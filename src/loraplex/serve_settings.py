@@ -121,6 +121,12 @@ class ServeSettings(BaseSettings):
         description="share of the GPU's memory the engine may fill; the KV cache gets "
         "what weights, adapter slots and activations leave",
     )
+    tensor_parallel_size: int = Field(
+        default=1,
+        ge=1,
+        description="GPUs the model is split over (one worker process each; "
+        "attention heads, MLP and vocabulary split, adapters sharded to match)",
+    )
     load_format: Literal["auto", "dummy"] = Field(
         default="auto",
         description="auto: the checkpoint's weights; dummy: random weights of its "

@@ -250,6 +250,8 @@ class EngineConfig:
     :param enforce_eager: no CUDA graphs and no torch.compile (debugging, first-token latency).
     :param gpu_memory_utilization: the share of the GPU's memory the engine may fill, KV cache
         included; the KV cache gets what weights, adapter slots and activations leave.
+    :param tensor_parallel_size: ranks the model is split over, one process (and GPU) each;
+        rank 0 runs in this process and the others in worker processes (see parallel.py).
     """
 
     model: str
@@ -269,6 +271,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         checks = {
@@ -280,6 +283,7 @@ class EngineConfig:
             "max_loras": self.max_loras >= 0,
             "max_lora_rank": self.max_lora_rank >= 1,
             "gpu_memory_utilization": 0 < self.gpu_memory_utilization <= 1,
+            "tensor_parallel_size": self.tensor_parallel_size >= 1,
         }
         for name, ok in checks.items():
             if not ok:

@@ -14,15 +14,16 @@ from tokenizers import Tokenizer
 from .blocks import BlockManager
 from .config import EngineConfig, ModelSpec
 from .engine_dir import open_engine_dir
+from .engine_shard import build_shard
 from .errors import AdapterShapeError, InvalidRequestError, ModelLoadError
-from .lora_slots import LoraSlots, LoraWeights
-from .model import LlamaForCausalLM, init_dummy_weights, load_weights
-from .model_runner import ModelRunner
+from .lora_slots import LoraWeights
 from .outputs import OutputProcessor, RequestOutput
+from .parallel import SINGLE, check_shardable
 from .prefix_cache import PrefixScope, cache_root, engine_identity
 from .request import FinishReason, Request, SamplingParams
 from .sampler import Sampler
 from .scheduler import Scheduler
+from .tp_workers import TensorParallelWorkers, WorkerArgs, rank_device
 
 log = logging.getLogger(__name__)
 
@@ -76,45 +77,33 @@ class Engine:
                 f"max_model_len {self.max_model_len} exceeds the model's "
                 f"max_position_embeddings {self.spec.max_position_embeddings}"
             )
-        self.model = LlamaForCausalLM(
-            self.spec,
-            self.max_model_len,
-            self.dtype,
-            self.device,
-            quantization=config.quantization,
-        )
-        if self.built is not None:  # quantized at build time: copied, not quantized
-            self.built.load_weights(self.model)
+        self.workers: TensorParallelWorkers | None = None
+        tp = SINGLE
+        if config.tensor_parallel_size > 1:
+            self.device = rank_device(self.device.type, 0)  # rank r runs on GPU r
+            self.workers, tp = self._start_workers(config)
+        if self.built is not None:
             log.info("%s", self.built.summary())
-        elif config.load_format == "dummy":
-            init_dummy_weights(self.model, config.seed)
-        else:
-            load_weights(self.model, config.model)
-        self.lora_slots: LoraSlots | None = None
-        if config.max_loras > 0:
-            self.lora_slots = LoraSlots(
+        try:
+            shard = build_shard(
+                config,
                 self.spec,
-                config.max_loras,
-                config.max_lora_rank,
-                self.dtype,
-                self.device,
+                device=self.device,
+                dtype=self.dtype,
+                max_model_len=self.max_model_len,
+                built=self.built,
+                tp=tp,
             )
-            for layer_linears, layer_slots in zip(
-                self.model.lora_linears(), self.lora_slots.layers, strict=True
-            ):
-                for group, linear in layer_linears.items():
-                    linear.lora = layer_slots[group]
-                    linear.sgmv_backend = config.lora_backend
-        self._loaded_slots: set[int] = set()
-        self.runner = ModelRunner(
-            self.model,
-            self.spec,
-            config,
-            device=self.device,
-            dtype=self.dtype,
-            max_model_len=self.max_model_len,
-            lora_enabled=self.lora_slots is not None,
+        except BaseException:
+            self.close()
+            raise
+        self.model, self.lora_slots, self.runner = (
+            shard.model,
+            shard.lora_slots,
+            shard.runner,
         )
+        self.runner.peers = self.workers
+        self._loaded_slots: set[int] = set()
         self.kv_cache = self.runner.kv_cache
         num_blocks = self.runner.num_kv_blocks
         self.scheduler = Scheduler(
@@ -223,13 +212,41 @@ class Engine:
         """
         self._check_slot_free(slot)
         self.lora_slots.write(slot, weights)
+        if self.workers is not None:
+            self.workers.load_adapter(slot, weights)
         self._loaded_slots.add(slot)
 
     def unload_adapter(self, slot: int) -> None:
         """Empty a slot so that it can be reused; never for a slot in use."""
         self._check_slot_free(slot)
         self.lora_slots.clear(slot)
+        if self.workers is not None:
+            self.workers.clear_slot(slot)
         self._loaded_slots.discard(slot)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any; the engine is unusable afterwards."""
+        if self.workers is not None:
+            self.workers.stop()
+
+    def _start_workers(self, config: EngineConfig):
+        if self.built is not None:
+            raise ModelLoadError(
+                "an engine directory cannot be split over several GPUs yet; serve the "
+                "checkpoint with --quantization fp8 and --tensor-parallel-size instead"
+            )
+        check_shardable(self.spec, config.tensor_parallel_size)
+        args = WorkerArgs(
+            config=config,
+            spec=self.spec,
+            dtype=self.dtype,
+            max_model_len=self.max_model_len,
+            rank=0,
+            world_size=config.tensor_parallel_size,
+            port=0,
+            device_type=self.device.type,
+        )
+        return TensorParallelWorkers.start(args, config.tensor_parallel_size)
 
     def _check_slot_free(self, slot: int) -> None:
         if self.lora_slots is None:

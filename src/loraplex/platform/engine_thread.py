@@ -172,6 +172,10 @@ class EngineThread:
             except Exception:
                 log.exception("output callback for %s failed", request_id)
         self._callbacks.clear()
+        try:
+            self.engine.close()  # tensor-parallel workers, if any
+        except Exception:
+            log.exception("closing the engine failed")
 
     def _death_reason(self) -> str:
         if self.error is not None:

@@ -9,6 +9,9 @@ linear are stacked: for q/k/v (3 slices), o (1), gate/up (2) and down (1),
 An adapter of rank r < max_rank fills the first r rows of its A block and the first r columns of
 its B block; the rest of the slot is zeroed when it is written, and the kernels read only up to r.
 Writing a slot happens between two engine steps.
+
+Under tensor parallelism a rank's slots hold its shard of each adapter (`shard_lora_weights`):
+B split by output for the column-parallel targets, A split by input for the row-parallel ones.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 
 from .config import ModelSpec
 from .errors import AdapterShapeError
+from .parallel import SINGLE, TensorParallel, shard_spec, take_shard
 
 LORA_GROUPS: dict[str, tuple[str, ...]] = {
     "qkv": ("q", "k", "v"),
@@ -97,7 +101,8 @@ class LoraGroupSlots:
 
 
 class LoraSlots:
-    """`num_slots` adapter slots for every LoRA linear of every layer of one model."""
+    """`num_slots` adapter slots for every LoRA linear of every layer of one model (of this
+    rank's shard of it: `spec` is the whole model's, `tp` says which shard)."""
 
     def __init__(
         self,
@@ -106,16 +111,19 @@ class LoraSlots:
         max_rank: int,
         dtype: torch.dtype,
         device: torch.device,
+        tp: TensorParallel = SINGLE,
     ) -> None:
         self.spec = spec
+        self.tp = tp
+        self.local_spec = shard_spec(spec, tp)
         self.num_slots = num_slots
         self.max_rank = max_rank
         self.layers: list[dict[str, LoraGroupSlots]] = []
         for _ in range(spec.num_layers):
             groups = {}
             for group, targets in LORA_GROUPS.items():
-                in_features = spec.lora_shape(targets[0])[0]
-                outs = [spec.lora_shape(t)[1] for t in targets]
+                in_features = self.local_spec.lora_shape(targets[0])[0]
+                outs = [self.local_spec.lora_shape(t)[1] for t in targets]
                 offsets = tuple(sum(outs[:i]) for i in range(len(outs) + 1))
                 n = len(targets)
                 groups[group] = LoraGroupSlots(
@@ -149,6 +157,18 @@ class LoraSlots:
         """
         self._check_slot(slot)
         weights.check_fits(self.spec, self.max_rank)
+        self._write(slot, shard_lora_weights(weights, self.spec, self.tp))
+
+    def write_shard(self, slot: int, shard: LoraWeights) -> None:
+        """Put an adapter's shard for this rank (`shard_lora_weights`) into `slot`.
+
+        :raises AdapterShapeError: the shard does not fit this rank's slots.
+        """
+        self._check_slot(slot)
+        shard.check_fits(self.local_spec, self.max_rank)
+        self._write(slot, shard)
+
+    def _write(self, slot: int, weights: LoraWeights) -> None:
         self.clear(slot)
         for (layer, target), module in weights.modules.items():
             group_name = next(g for g, ts in LORA_GROUPS.items() if target in ts)
@@ -177,3 +197,21 @@ class LoraSlots:
             raise AdapterShapeError(
                 f"slot {slot} out of range: the engine has {self.num_slots} slots"
             )
+
+
+def shard_lora_weights(
+    weights: LoraWeights, spec: ModelSpec, tp: TensorParallel
+) -> LoraWeights:
+    """The part of an adapter that rank `tp.rank` holds: A [r, in] keeps the input columns of a
+    row-parallel target, B [out, r] the output rows of a column-parallel one."""
+    if not tp.enabled:
+        return weights
+    modules = {}
+    for (layer, target), module in weights.modules.items():
+        rows, columns = tp.weight_shard(spec, target)
+        modules[(layer, target)] = LoraModuleWeights(
+            lora_a=take_shard(module.lora_a, None, columns).contiguous(),
+            lora_b=take_shard(module.lora_b, rows, None).contiguous(),
+            scale=module.scale,
+        )
+    return LoraWeights(modules)

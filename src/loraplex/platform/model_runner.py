@@ -5,6 +5,9 @@ the CPU enough for max_num_seqs full-length requests), allocates it, captures th
 and at each step either replays a graph (decode-only batches within the largest bucket) or lays
 the batch out with `prepare_inputs` and runs the model eagerly (prefill chunks, mixed steps).
 On a GPU, unless `enforce_eager`, the norms, rotary and activation run through torch.compile.
+Under tensor parallelism every rank has one, over its shard; the ranks agree on the number of KV
+blocks (the smallest any rank can hold), and rank 0's `peers` send each step to the others
+before it runs, so that all ranks run the same step, graph for graph.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from .inputs import prepare_inputs
 from .kv_cache import KVCache
 from .memory_plan import MemoryPlan, plan_kv_blocks
 from .model.fusions import compiled_fusions
+from .parallel import SINGLE, TensorParallel, shard_spec
 from .request import Request, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -38,8 +42,11 @@ class ModelRunner:
         dtype: torch.dtype,
         max_model_len: int,
         lora_enabled: bool,
+        tp: TensorParallel = SINGLE,
     ) -> None:
         self.model = model
+        self.peers = None  # rank 0 of several: what sends each step to the other ranks
+        spec = shard_spec(spec, tp)  # the KV cache holds this rank's KV heads
         self.config = config
         self.device = device
         self.lora_enabled = lora_enabled
@@ -66,6 +73,7 @@ class ModelRunner:
             num_blocks = self.memory_plan.num_blocks
         elif not num_blocks:
             num_blocks = config.max_num_seqs * self.max_blocks_per_seq
+        num_blocks = tp.min_over_ranks(num_blocks)
         if num_blocks * config.block_size < max_model_len:
             raise ValueError(
                 f"a KV cache of {num_blocks} blocks x {config.block_size} tokens cannot "
@@ -91,6 +99,8 @@ class ModelRunner:
 
     def forward(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits [num_sampling_sequences, vocab] float32 of one scheduled step."""
+        if self.peers is not None:
+            self.peers.send_step(batch)
         graphs = self.decode_graphs
         bucket = graphs.bucket_for(batch) if graphs is not None else None
         if bucket is not None:

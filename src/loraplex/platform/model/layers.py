@@ -1,7 +1,8 @@
 """The building blocks of a Llama-family decoder: LoRA-aware linears, RMSNorm, rotary embedding.
 
 Linears are written the tensor-parallel way (q/k/v and gate/up column-parallel, o and down
-row-parallel) with a world size of 1, so that sharding later changes sizes, not code.
+row-parallel; see parallel.py): each holds its rank's shard, cut from the checkpoint's tensors as
+they load, and a world size of 1 is the whole tensor.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from loraplex.kernels import fp8, sgmv
 
 from ..config import RopeSpec
 from ..lora_slots import LoraGroupSlots
+from ..parallel import SINGLE, TensorParallel, take_shard
 from .fusions import EAGER, Fusions
 
 
@@ -28,6 +30,8 @@ class LoraLinear(nn.Module):
     [out, 1]); x is quantized per token on the fly and the GEMM is the FP8 dispatch table's,
     while the adapter path runs in the activation dtype on the unquantized x.
     `lora` is attached by the engine when LoRA is enabled; `sgmv_backend` picks the SGMV ops.
+    `shards` gives, per slice, the (rows, columns) of the checkpoint's full tensor that this
+    rank keeps (None: all); `in_features` and `out_sizes` are the shard's sizes.
     """
 
     def __init__(
@@ -38,8 +42,10 @@ class LoraLinear(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         quantization: str = "none",
+        shards: Sequence[tuple[slice | None, slice | None]] | None = None,
     ) -> None:
         super().__init__()
+        self.shards = tuple(shards or [(None, None)] * len(out_sizes))
         if quantization not in ("none", "fp8"):
             raise ValueError(f"quantization {quantization!r} is not 'none' or 'fp8'")
         self.in_features = in_features
@@ -80,6 +86,7 @@ class LoraLinear(nn.Module):
         param = self.weight if name == "weight" else self.bias
         if param is None:
             raise ValueError("this layer has no bias")
+        tensor = take_shard(tensor, *self.shards[index])
         rows = slice(self.slice_offsets[index], self.slice_offsets[index + 1])
         expected = (rows.stop - rows.start, *param.shape[1:])
         if tuple(tensor.shape) != expected:
@@ -114,13 +121,8 @@ class LoraLinear(nn.Module):
     def forward(
         self, x: torch.Tensor, segments: sgmv.LoraSegments | None
     ) -> torch.Tensor:
-        if self.quantization == "fp8":
-            y = fp8.fp8_linear(
-                x, self.weight, self.weight_scale, self.bias, backend=self.fp8_backend
-            )
-        else:
-            y = F.linear(x, self.weight, self.bias)
-        if self.lora is not None and segments is not None and segments.has_lora:
+        y = self._base(x, self.bias)
+        if self._lora_runs(segments):
             lora = self.lora
             sgmv.lora_linear(
                 y,
@@ -135,13 +137,100 @@ class LoraLinear(nn.Module):
             )
         return y
 
+    def _base(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.quantization == "fp8":
+            return fp8.fp8_linear(
+                x, self.weight, self.weight_scale, bias, backend=self.fp8_backend
+            )
+        return F.linear(x, self.weight, bias)
+
+    def _lora_runs(self, segments: sgmv.LoraSegments | None) -> bool:
+        return self.lora is not None and segments is not None and segments.has_lora
+
 
 class ColumnParallelLinear(LoraLinear):
-    """Output features split across ranks (q/k/v, gate/up); LoRA A replicated, B split by output."""
+    """Output features split across ranks (q/k/v, gate/up); LoRA A replicated, B split by output.
+
+    Each rank computes its own outputs from the whole input: no communication."""
 
 
 class RowParallelLinear(LoraLinear):
-    """Input features split across ranks (o, down); LoRA A split by input, B replicated."""
+    """Input features split across ranks (o, down); the partial sums are all-reduced.
+
+    LoRA the S-LoRA way: A is split by input, so each rank's shrink is a partial sum too; the
+    rank-sized partial v travels in the same all-reduce as the base output (one collective per
+    layer, as without LoRA), and every rank then adds the expand of the whole v with the whole
+    B. The bias is added once, after the sum.
+    """
+
+    def __init__(self, *args, tp: TensorParallel = SINGLE, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.tp = tp
+
+    def forward(
+        self, x: torch.Tensor, segments: sgmv.LoraSegments | None
+    ) -> torch.Tensor:
+        if not self.tp.enabled:
+            return super().forward(x, segments)
+        y = self._base(x, None)  # [T, out] this rank's partial sum
+        if not self._lora_runs(segments):
+            y = self.tp.all_reduce(y)
+        else:
+            lora = self.lora
+            v = sgmv.lora_shrink(
+                x, lora.lora_a, lora.ranks, segments, backend=self.sgmv_backend
+            )
+            packed = self.tp.all_reduce(torch.cat((y, v.to(y.dtype)), dim=1))
+            out = y.shape[1]
+            y, v = packed[:, :out], packed[:, out:].float()
+            sgmv.lora_expand(
+                y,
+                v,
+                lora.lora_b,
+                lora.ranks,
+                lora.scales,
+                self.slice_offsets,
+                segments,
+                backend=self.sgmv_backend,
+            )
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token ids → embeddings, the vocabulary rows split across ranks.
+
+    Each rank looks up the ids it holds (zeros for the others) and the ranks' rows are summed.
+    `weight` [ceil(vocab / world), hidden]: this rank's rows, zero-padded on the last rank.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        tp: TensorParallel = SINGLE,
+    ) -> None:
+        super().__init__()
+        self.tp = tp
+        self.vocab_size = vocab_size
+        self.rows, per_rank = tp.vocab_rows(vocab_size)
+        self.weight = nn.Parameter(
+            torch.zeros(per_rank, hidden_size, dtype=dtype, device=device),
+            requires_grad=False,
+        )
+
+    def load(self, full: torch.Tensor) -> None:
+        """Copy this rank's rows of the full [vocab, hidden] checkpoint tensor."""
+        copy_vocab_rows(self.weight, full, self.rows, self.vocab_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not self.tp.enabled:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.rows.start
+        outside = (local < 0) | (local >= self.rows.stop - self.rows.start)
+        x = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.tp.all_reduce(x.masked_fill(outside[:, None], 0))
 
 
 class RMSNorm(nn.Module):
@@ -211,3 +300,16 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q [T, H, D] and k [T, KVH, D] by their tokens' positions [T]."""
         return self.fusions.rotary(positions, q, k, self.cos_cache, self.sin_cache)
+
+
+def copy_vocab_rows(
+    param: torch.Tensor, full: torch.Tensor, rows: slice, vocab_size: int
+) -> None:
+    """param[: len(rows)] = full[rows] for a vocabulary-parallel [rows, hidden] parameter."""
+    expected = (vocab_size, param.shape[1])
+    if tuple(full.shape) != expected:
+        raise ValueError(
+            f"shape {tuple(full.shape)} does not match the expected {expected}"
+        )
+    shard = full[rows]
+    param.data[: shard.shape[0]].copy_(shard)

@@ -17,11 +17,20 @@ from ..attention import paged_attention
 from ..config import ModelSpec
 from ..inputs import ForwardInputs
 from ..kv_cache import KVCache
+from ..parallel import SINGLE, TensorParallel, shard_spec
 from .fusions import EAGER, Fusions
-from .layers import ColumnParallelLinear, RMSNorm, RotaryEmbedding, RowParallelLinear
+from .layers import (
+    ColumnParallelLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 
 
 class Attention(nn.Module):
+    """Self-attention over this rank's query and KV heads (`spec`: the whole model's sizes)."""
+
     def __init__(
         self,
         spec: ModelSpec,
@@ -29,25 +38,34 @@ class Attention(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         quantization: str = "none",
+        tp: TensorParallel = SINGLE,
     ):
         super().__init__()
-        self.spec = spec
+        self.spec = local = shard_spec(spec, tp)
         self.layer = layer
         self.sliding_window = (
             spec.sliding_windows[layer] if spec.sliding_windows else None
         )
         self.scale = spec.head_dim**-0.5
-        kv = spec.kv_size
+        kv = local.kv_size
         self.qkv_proj = ColumnParallelLinear(
             spec.hidden_size,
-            (spec.q_size, kv, kv),
+            (local.q_size, kv, kv),
             spec.qkv_bias,
             dtype,
             device,
             quantization,
+            shards=[tp.weight_shard(spec, t) for t in "qkv"],
         )
         self.o_proj = RowParallelLinear(
-            spec.q_size, (spec.hidden_size,), spec.o_bias, dtype, device, quantization
+            local.q_size,
+            (spec.hidden_size,),
+            spec.o_bias,
+            dtype,
+            device,
+            quantization,
+            shards=[tp.weight_shard(spec, "o")],
+            tp=tp,
         )
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype, device)
@@ -76,20 +94,36 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """gate/up, SiLU · mul, down over this rank's share of the intermediate features."""
+
     def __init__(
         self,
         spec: ModelSpec,
         dtype: torch.dtype,
         device: torch.device,
         quantization: str = "none",
+        tp: TensorParallel = SINGLE,
     ):
         super().__init__()
-        inter = spec.intermediate_size
+        inter = shard_spec(spec, tp).intermediate_size
         self.gate_up_proj = ColumnParallelLinear(
-            spec.hidden_size, (inter, inter), False, dtype, device, quantization
+            spec.hidden_size,
+            (inter, inter),
+            False,
+            dtype,
+            device,
+            quantization,
+            shards=[tp.weight_shard(spec, t) for t in ("gate", "up")],
         )
         self.down_proj = RowParallelLinear(
-            inter, (spec.hidden_size,), False, dtype, device, quantization
+            inter,
+            (spec.hidden_size,),
+            False,
+            dtype,
+            device,
+            quantization,
+            shards=[tp.weight_shard(spec, "down")],
+            tp=tp,
         )
         self.fusions: Fusions = EAGER
 
@@ -106,16 +140,17 @@ class DecoderLayer(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         quantization: str = "none",
+        tp: TensorParallel = SINGLE,
     ):
         super().__init__()
         self.input_layernorm = RMSNorm(
             spec.hidden_size, spec.rms_norm_eps, dtype, device
         )
-        self.self_attn = Attention(spec, layer, dtype, device, quantization)
+        self.self_attn = Attention(spec, layer, dtype, device, quantization, tp)
         self.post_attention_layernorm = RMSNorm(
             spec.hidden_size, spec.rms_norm_eps, dtype, device
         )
-        self.mlp = MLP(spec, dtype, device, quantization)
+        self.mlp = MLP(spec, dtype, device, quantization, tp)
 
     def forward(
         self,
@@ -140,7 +175,8 @@ class LlamaForCausalLM(nn.Module):
     """Token ids, positions, KV cache and adapter slots in; logits at the sampling positions out.
 
     `quantization="fp8"` stores the weights of q/k/v, o, gate/up and down in e4m3 (see
-    LoraLinear); embeddings, norms and the LM head stay in `dtype`.
+    LoraLinear); embeddings, norms and the LM head stay in `dtype`. With `tp` of several ranks
+    this is one rank's shard (parallel.py); `spec` stays the whole model's.
     """
 
     def __init__(
@@ -150,15 +186,16 @@ class LlamaForCausalLM(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         quantization: str = "none",
+        tp: TensorParallel = SINGLE,
     ):
         super().__init__()
         self.spec = spec
-        self.embed_tokens = nn.Embedding(
-            spec.vocab_size, spec.hidden_size, dtype=dtype, device=device
+        self.tp = tp
+        self.embed_tokens = VocabParallelEmbedding(
+            spec.vocab_size, spec.hidden_size, dtype, device, tp
         )
-        self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(
-            DecoderLayer(spec, i, dtype, device, quantization)
+            DecoderLayer(spec, i, dtype, device, quantization, tp)
             for i in range(spec.num_layers)
         )
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
@@ -166,10 +203,9 @@ class LlamaForCausalLM(nn.Module):
         if spec.tie_word_embeddings:
             self.lm_head_weight = self.embed_tokens.weight
         else:
+            rows = self.embed_tokens.weight.shape[0]  # this rank's, padded
             self.lm_head_weight = nn.Parameter(
-                torch.empty(
-                    spec.vocab_size, spec.hidden_size, dtype=dtype, device=device
-                ),
+                torch.zeros(rows, spec.hidden_size, dtype=dtype, device=device),
                 requires_grad=False,
             )
 
@@ -181,7 +217,8 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, inputs, self.rotary, kv_cache)
         rows = inputs.logits_indices
         x, _ = self.norm(x[rows], residual[rows])
-        return F.linear(x, self.lm_head_weight).float()
+        logits = self.tp.all_gather_columns(F.linear(x, self.lm_head_weight))
+        return logits[:, : self.spec.vocab_size].float()
 
     def use_fusions(self, fusions: Fusions) -> None:
         """Route every norm, rotary and activation of the model through `fusions`."""

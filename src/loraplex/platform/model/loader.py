@@ -18,10 +18,9 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from loraplex.kernels.fp8 import FP8_DTYPE
-
 from ..config import ModelSpec
 from ..errors import ModelLoadError
+from .layers import copy_vocab_rows
 from .llama import LlamaForCausalLM
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -107,11 +106,15 @@ def _assign(model: LlamaForCausalLM, name: str, tensor: torch.Tensor) -> bool:
     """Copy one checkpoint tensor into its place; False if the model has no place for it."""
     spec = model.spec
     if name == "model.embed_tokens.weight":
-        return _copy(model.embed_tokens.weight, tensor)
+        model.embed_tokens.load(tensor)
+        return True
     if name == "model.norm.weight":
         return _copy(model.norm.weight, tensor)
     if name == "lm_head.weight":
-        return True if spec.tie_word_embeddings else _copy(model.lm_head_weight, tensor)
+        if not spec.tie_word_embeddings:
+            embed = model.embed_tokens
+            copy_vocab_rows(model.lm_head_weight, tensor, embed.rows, spec.vocab_size)
+        return True
     match = _LAYER.match(name)
     if not match or int(match.group(1)) >= spec.num_layers:
         return False
@@ -174,16 +177,32 @@ def load_weights(
 def init_dummy_weights(model: LlamaForCausalLM, seed: int = 0) -> None:
     """Random weights of the right shapes (never zeros), for benchmarks: `load_format="dummy"`.
 
-    An FP8 layer draws the same numbers as the unquantized model would, one layer at a time in
-    the activation dtype on the device, and quantizes them (the whole model is never held
-    unquantized).
+    The numbers are those of a checkpoint drawn tensor by tensor (in name order, on the
+    device, in the activation dtype) and loaded the usual way, so that every tensor-parallel
+    rank cuts its shard of the same model and FP8 layers quantize as they would from a file.
     """
-    for index, (name, param) in enumerate(model.named_parameters()):
+    spec = model.spec
+    param = model.embed_tokens.weight
+    for index, name in enumerate(sorted(expected_tensor_names(spec))):
         generator = torch.Generator(device=param.device).manual_seed(seed + index)
         mean = 1.0 if name.endswith("norm.weight") else 0.0
-        if param.dtype == FP8_DTYPE:
-            layer = model.get_submodule(name.rpartition(".")[0])
-            weight = torch.empty(param.shape, dtype=layer.dtype, device=param.device)
-            layer.set_weight(weight.normal_(mean=mean, std=0.02, generator=generator))
-        else:
-            param.data.normal_(mean=mean, std=0.02, generator=generator)
+        shape = checkpoint_shape(spec, name)
+        tensor = torch.empty(shape, dtype=param.dtype, device=param.device)
+        _assign(model, name, tensor.normal_(mean=mean, std=0.02, generator=generator))
+
+
+def checkpoint_shape(spec: ModelSpec, name: str) -> tuple[int, ...]:
+    """The shape tensor `name` has in a Hugging Face checkpoint of this spec."""
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return (spec.vocab_size, spec.hidden_size)
+    if name == "model.norm.weight":
+        return (spec.hidden_size,)
+    rest = _LAYER.match(name).group(2)
+    if rest in _PLAIN:
+        return (spec.hidden_size,)
+    if rest in _QK_NORM:
+        return (spec.head_dim,)
+    module, _, kind = rest.rpartition(".")
+    target = module.rpartition(".")[2].removesuffix("_proj")
+    in_features, out_features = spec.lora_shape(target)
+    return (out_features, in_features) if kind == "weight" else (out_features,)

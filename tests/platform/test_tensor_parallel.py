@@ -1,0 +1,240 @@
+"""Tensor parallelism over gloo on the CPU: two ranks (this process and one worker process) give,
+in fp32, exactly the tokens of one rank for a mixed batch of adapters, which are those of
+transformers + PEFT; a worker that dies stops the engine with a clear error, never a hang."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import pytest
+import torch
+from engine_utils import greedy, run_to_completion
+from test_lora_batch import ADAPTERS, expected_tokens, requests_over_adapters
+
+from checkpoints import save_random_adapter, save_tiny_model
+from loraplex.adapters_registry import load_adapter_dir
+from loraplex.platform import (
+    Engine,
+    EngineConfig,
+    EngineThread,
+    ModelSpec,
+    SamplingParams,
+)
+from loraplex.platform.errors import ModelLoadError
+from loraplex.platform.lora_slots import shard_lora_weights
+from loraplex.platform.parallel import (
+    TensorParallel,
+    check_shardable,
+    shard_spec,
+)
+from loraplex.platform.tp_wire import (
+    pack_adapter,
+    pack_batch,
+    unpack_adapter,
+    unpack_batch,
+)
+from loraplex.platform.tp_workers import TensorParallelError
+
+
+def make_engine(model_dir, world_size, **options):
+    config = {
+        "dtype": "float32",
+        "device": "cpu",
+        "max_loras": 3,
+        "max_lora_rank": 16,
+        "block_size": 4,
+        "max_num_batched_tokens": 16,  # long prompts are chunked beside other decodes
+        "tensor_parallel_size": world_size,
+        **options,
+    }
+    return Engine(EngineConfig(model=str(model_dir), **config))
+
+
+def run_mixed(model_dir, dirs, world_size, requests, **options):
+    engine = make_engine(model_dir, world_size, **options)
+    try:
+        slots = {}
+        for slot, (name, path) in enumerate(dirs.items()):
+            engine.load_adapter(slot, load_adapter_dir(path, engine.spec, 16))
+            slots[name] = slot
+        plan = {
+            rid: (prompt, greedy(12), None if a is None else slots[a])
+            for rid, prompt, a in requests
+        }
+        return run_to_completion(engine, plan), engine.stats()
+    finally:
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_models, tmp_path_factory):
+    """The tiny Llama with three adapters of mixed ranks and targets, and PEFT over them."""
+    import transformers
+    from peft import PeftModel
+
+    model_dir = tiny_models["llama2"]
+    root = tmp_path_factory.mktemp("tp-adapters")
+    dirs = {}
+    for i, (name, spec) in enumerate(ADAPTERS.items()):
+        options = {k: v for k, v in spec.items() if k not in ("rank", "targets")}
+        dirs[name] = save_random_adapter(
+            model_dir,
+            root / name,
+            spec["rank"],
+            spec["targets"],
+            seed=10 + i,
+            **options,
+        )
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32
+    )
+    names = list(dirs)
+    peft_model = PeftModel.from_pretrained(base, dirs[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.load_adapter(dirs[name], adapter_name=name)
+    return model_dir, dirs, peft_model.eval()
+
+
+def test_two_ranks_give_the_tokens_of_one_and_of_peft(llama):
+    model_dir, dirs, peft_model = llama
+    requests = requests_over_adapters(seed=3)
+    one, _ = run_mixed(model_dir, dirs, 1, requests)
+    two, stats = run_mixed(model_dir, dirs, 2, requests)
+    assert two == one
+    for rid, prompt, adapter in requests:
+        assert two[rid] == expected_tokens(peft_model, prompt, adapter, 12), rid
+    assert stats.num_running == 0
+
+
+def test_two_ranks_under_preemption(llama):
+    model_dir, dirs, _ = llama
+    requests = requests_over_adapters(seed=4)
+    options = {"num_kv_blocks": 24, "max_model_len": 64, "max_num_batched_tokens": 32}
+    one, _ = run_mixed(model_dir, dirs, 1, requests, **options)
+    two, stats = run_mixed(model_dir, dirs, 2, requests, **options)
+    assert stats.num_preemptions > 0
+    assert two == one
+
+
+def test_replicated_kv_heads_padded_vocab_tied_head_and_biases(tmp_path):
+    """One KV head for two ranks (each holds a copy), a vocabulary of 251 rows (not a
+    multiple of 2: the last rank's rows are padded), a tied LM head, and q/k/v and o biases:
+    the row-parallel o bias is added once, after the sum."""
+    model_dir = save_tiny_model(
+        tmp_path / "m",
+        "llama-tied-bias",
+        seed=7,
+        num_key_value_heads=1,
+        vocab_size=251,
+    )
+    adapter = save_random_adapter(
+        model_dir, tmp_path / "a", 8, ADAPTERS["all8"]["targets"], seed=5
+    )
+    gen = torch.Generator().manual_seed(9)
+    requests = [
+        (f"r{i}", torch.randint(0, 251, (n,), generator=gen).tolist(), name)
+        for i, (n, name) in enumerate([(19, "all8"), (6, None), (11, "all8")])
+    ]
+    one, _ = run_mixed(model_dir, {"all8": adapter}, 1, requests)
+    two, _ = run_mixed(model_dir, {"all8": adapter}, 2, requests)
+    assert two == one
+    assert one["r0"] != one["r1"][: len(one["r0"])]
+
+
+def test_unloading_and_reloading_a_slot_reaches_every_rank(llama):
+    model_dir, dirs, peft_model = llama
+    engine = make_engine(model_dir, 2)
+    try:
+        prompt = list(range(5, 25))
+        engine.load_adapter(0, load_adapter_dir(dirs["qv4"], engine.spec, 16))
+        engine.unload_adapter(0)
+        engine.load_adapter(0, load_adapter_dir(dirs["mlp16"], engine.spec, 16))
+        got = run_to_completion(engine, {"x": (prompt, greedy(8), 0)})
+        assert got["x"] == expected_tokens(peft_model, prompt, "mlp16", 8)
+    finally:
+        engine.close()
+
+
+def test_a_dead_worker_stops_the_engine_with_a_clear_error(llama, caplog):
+    model_dir = llama[0]
+    engine = make_engine(model_dir, 2)
+    thread = EngineThread(engine).start()
+    try:
+        outputs = []
+        thread.add_request(
+            "long",
+            list(range(1, 9)),
+            SamplingParams(max_tokens=200),
+            None,
+            outputs.append,
+        ).result(10)
+        worker = engine.workers.processes[0]
+        with caplog.at_level(logging.ERROR):
+            os.kill(worker.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while thread.alive and time.monotonic() < deadline:
+                time.sleep(0.1)
+        assert not thread.alive, "the engine kept running without its worker"
+        assert outputs and outputs[-1].finished  # the request ended, it did not hang
+        assert any("loraplex-tp-rank1" in r.getMessage() for r in caplog.records)
+        with pytest.raises(TensorParallelError, match="exited"):
+            engine.workers.clear_slot(0)
+    finally:
+        thread.stop()
+        engine.close()
+
+
+def test_sizes_that_do_not_split_are_refused_by_name(tiny_models):
+    spec = ModelSpec.from_dir(tiny_models["llama2"])  # 4 heads, 2 KV heads, 96 inter
+    with pytest.raises(ModelLoadError, match="num_attention_heads"):
+        check_shardable(spec, 3)
+    check_shardable(spec, 4)  # KV heads replicated: 2 divides 4
+    local = shard_spec(spec, TensorParallel(1, 4))
+    assert (local.num_heads, local.num_kv_heads, local.intermediate_size) == (1, 1, 24)
+
+
+def test_adapter_shards_cover_the_adapter_and_survive_the_wire(llama):
+    model_dir, dirs, _ = llama
+    spec = ModelSpec.from_dir(model_dir)
+    weights = load_adapter_dir(dirs["all8"], spec, 16)
+    shards = [shard_lora_weights(weights, spec, TensorParallel(r, 2)) for r in (0, 1)]
+    for key, module in weights.modules.items():
+        target = key[1]
+        parts = [s.modules[key] for s in shards]
+        if target in ("o", "down"):  # A split by input, B whole
+            torch.testing.assert_close(
+                torch.cat([p.lora_a for p in parts], dim=1), module.lora_a
+            )
+            assert all(torch.equal(p.lora_b, module.lora_b) for p in parts)
+        else:  # A whole, B split by output
+            torch.testing.assert_close(
+                torch.cat([p.lora_b for p in parts], dim=0), module.lora_b
+            )
+            assert all(torch.equal(p.lora_a, module.lora_a) for p in parts)
+    back = unpack_adapter(*pack_adapter(shards[1]))
+    for key, module in shards[1].modules.items():
+        assert torch.equal(back.modules[key].lora_a, module.lora_a.float())
+        assert torch.equal(back.modules[key].lora_b, module.lora_b.float())
+        assert back.modules[key].scale == module.scale
+
+
+def test_a_step_survives_the_wire(llama):
+    model_dir, _, _ = llama
+    engine = make_engine(model_dir, 1, max_loras=0)
+    for i, n in enumerate((9, 3, 30)):
+        engine.add_request(f"r{i}", list(range(1, n + 1)), greedy(4), None)
+    batch = engine.scheduler.schedule()
+    back = unpack_batch(pack_batch(batch))
+    assert len(back.sequences) == len(batch.sequences)
+    for got, want in zip(back.sequences, batch.sequences, strict=True):
+        assert (got.start, got.num_new_tokens, got.block_ids, got.samples) == (
+            want.start,
+            want.num_new_tokens,
+            want.block_ids,
+            want.samples,
+        )
+        assert got.token_ids == want.token_ids
+        assert got.request.slot == want.request.slot
