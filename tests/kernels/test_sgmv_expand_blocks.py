@@ -90,11 +90,15 @@ def _config(block_n=16, blocks=2, **options):
 
 
 @interpreted
+@pytest.mark.parametrize("max_rank", [12, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("pattern", POPULARITY)
-def test_every_popularity_multi_slice_mixed_ranks(pattern, dtype):
-    """Decode tiles (up to 16 tokens), ranks 0..8 per slot and slice, slot -1 tokens."""
-    p = _problem(200 + POPULARITY.index(pattern), pattern, dtype)
+def test_every_popularity_multi_slice_mixed_ranks(pattern, dtype, max_rank):
+    """Decode tiles (up to 16 tokens), ranks 0..max_rank per slot and slice, slot -1 tokens.
+    max_rank 16: B and v are read to the rank rounded up to 8 and zeroed past the rank (NaN
+    there); max_rank 12: read only to the rank."""
+    seed = 200 + POPULARITY.index(pattern) + max_rank
+    p = _problem(seed, pattern, dtype, max_rank=max_rank)
     segments = build_segments(p.token_slots, tile_tokens=16)
     _check(p, *_expand(p, segments, _config(blocks=2)))
 
@@ -121,7 +125,7 @@ def test_blocks_per_program_and_schedules(options, widths):
 
 @interpreted
 @pytest.mark.parametrize("prefetch", [True, False])
-@pytest.mark.parametrize("max_rank", [24, 40])
+@pytest.mark.parametrize("max_rank", [20, 24, 40])
 def test_ranks_past_the_first_rank_step(max_rank, prefetch):
     """Ranks 0..max_rank in 16-wide steps: one narrow step up to 16, then the first BLOCK_R
     step and the further ones only up to each slot's rank."""
