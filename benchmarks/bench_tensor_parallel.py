@@ -69,6 +69,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--skip-decode", action="store_true", help="parity only")
     return parser.parse_args()
 
 
@@ -76,7 +78,7 @@ def make_engine(model_dir: Path, args, device: str) -> Engine:
     return Engine(
         EngineConfig(
             model=str(model_dir),
-            dtype="bfloat16" if device == "cuda" else "float32",
+            dtype=args.dtype if device == "cuda" else "float32",
             device=device,
             load_format="dummy",
             quantization=args.quantization,
@@ -207,7 +209,7 @@ def run(args) -> None:
         finally:
             engine.close()
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"tp-{args.shapes}-{args.quantization}-tp{args.tp}.json"
+    name = f"tp-{args.shapes}-{args.quantization}-{args.dtype}-tp{args.tp}.json"
     (args.out / name).write_text(json.dumps(result, indent=1))
 
 
