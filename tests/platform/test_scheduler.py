@@ -105,6 +105,34 @@ def test_newest_request_is_preempted_and_recomputed_when_blocks_run_out():
     assert batch.sequences[0].request is new and batch.sequences[0].num_new_tokens == 8
 
 
+def test_preempt_gives_a_place_to_the_requests_queued_and_added_later():
+    scheduler = Scheduler(
+        BlockManager(16, 4), max_num_seqs=2, max_num_batched_tokens=100
+    )
+    old, victim = (
+        make_request("old", 5, max_tokens=6),
+        make_request("v", 5, max_tokens=6),
+    )
+    scheduler.add(old)
+    scheduler.add(victim)
+    step(scheduler)
+    step(scheduler)
+    scheduler.add(make_request("new", 3))
+    assert scheduler.preempt("v")  # running: its blocks go, its tokens stay
+    assert victim.status is RequestStatus.WAITING and victim.num_computed_tokens == 0
+    assert victim.output_token_ids == [7, 7] and scheduler.blocks.num_free_blocks == 14
+    scheduler.add(make_request("later", 3))  # added after, and still ahead of it
+    assert [r.request_id for r in scheduler.waiting] == ["new", "later", "v"]
+    assert not scheduler.preempt("v") and not scheduler.preempt("unknown")
+    batch, _ = step(scheduler)  # the place went to the first queued, at once
+    assert [s.request.request_id for s in batch.sequences] == ["old", "new"]
+    while scheduler.has_unfinished:
+        step(scheduler)
+    assert victim.finish_reason is FinishReason.LENGTH
+    assert victim.output_token_ids == [7] * 6 and victim.num_preemptions == 1
+    assert scheduler.blocks.num_free_blocks == 16 and not scheduler.yielded
+
+
 @pytest.mark.parametrize(
     ("sampling", "token", "reason", "length"),
     [

@@ -8,13 +8,16 @@ prefill in progress takes what the budget leaves, so prefill chunks and decodes 
       1. running requests, oldest first: each gets min(tokens left, budget left); when the KV
          cache has no block for them, the newest running request is preempted (its blocks freed,
          its tokens recomputed later) until they fit;
-      2. waiting requests, first come first served (preempted ones at the front), while the
+      2. waiting requests, first come first served (preempted ones at the front; those that
+         gave their place through preempt() at the back, behind requests added since), while the
          budget, max_num_seqs and free blocks allow, each possibly as a partial (chunked) prefill.
          With prefix caching, a request first takes the longest cached run of full blocks of its
          tokens (never all of them: the last token is computed, for its logits) and starts its
          num_computed_tokens there; cached tokens cost no budget.
     update(batch, sampled): advance num_computed_tokens, index the blocks that became full and
       computed (prefill chunks and decodes alike), append sampled tokens, finish requests.
+    preempt(request_id), between steps: a request gives its place to the requests waiting
+      and to those added later (fairness between tenants, decided by the API's admission).
 """
 
 from __future__ import annotations
@@ -51,10 +54,15 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
         self.prefix_cache = PrefixCacheStats()
+        self.yielded: set[str] = set()  # waiting, last, since they gave their place
 
     def add(self, request: Request) -> None:
+        """Queue a request, ahead of those that gave their place (preempt)."""
         request.status = RequestStatus.WAITING
-        self.waiting.append(request)
+        at = len(self.waiting)
+        while at and self.waiting[at - 1].request_id in self.yielded:
+            at -= 1
+        self.waiting.insert(at, request)
 
     @property
     def has_unfinished(self) -> bool:
@@ -94,6 +102,7 @@ class Scheduler:
             ):
                 break
             self.waiting.popleft()
+            self.yielded.discard(request.request_id)
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = start
             if request.cache_root is not None and request.num_preemptions == 0:
@@ -132,15 +141,37 @@ class Scheduler:
             )
         return hashes
 
-    def _preempt(self, request: Request) -> None:
-        """Free the request's blocks and put it back at the head of the queue to recompute."""
+    def preempt(self, request_id: str) -> bool:
+        """Give a request's place to the requests waiting and to those added later: a
+        running one frees its blocks (its tokens are recomputed later; its full blocks stay
+        in the prefix cache) and queues last; a waiting one moves to the end of the queue.
+        Whether a running request was preempted (False for a waiting, finished or unknown
+        one)."""
+        running = next((r for r in self.running if r.request_id == request_id), None)
+        waiting = next((r for r in self.waiting if r.request_id == request_id), None)
+        if running is not None:
+            self._preempt(running, last=True)
+        elif waiting is not None:
+            self.waiting.remove(waiting)
+            self.waiting.append(waiting)
+        else:
+            return False
+        self.yielded.add(request_id)
+        return running is not None
+
+    def _preempt(self, request: Request, last: bool = False) -> None:
+        """Free the request's blocks and queue it again to recompute: first in line (it was
+        preempted for blocks), or `last` (it gave its place to others)."""
         self.running.remove(request)
         self.blocks.free(request.request_id)
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        if last:
+            self.waiting.append(request)
+        else:
+            self.waiting.appendleft(request)
 
     def update(
         self, batch: ScheduledBatch, sampled_token_ids: list[int]
@@ -176,6 +207,7 @@ class Scheduler:
             self.waiting.remove(request)
         else:
             return
+        self.yielded.discard(request.request_id)
         self.blocks.free(request.request_id)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
