@@ -1,8 +1,9 @@
 """Fairness between tenants on the demo model: one tenant sending ten times its share gets
 429 for what is over its concurrency, while the other tenant gets no error and its calls are
-admitted in turn (never two grants to the flooder while it waits). The test measures how
-much the flood raises the other tenant's p99 TTFT and reports it; it asserts behaviour, not
-time (on 2 CPU cores a fuller batch is also a slower step, which a GPU does not pay)."""
+admitted in turn (never two grants to the flooder while it waits), most often at once, in
+the places of the flooder's newest requests (preempted). The test measures how much the
+flood raises the other tenant's p99 TTFT and reports it; it asserts behaviour, not time (on
+2 CPU cores a fuller batch is also a slower step, which a GPU does not pay)."""
 
 from __future__ import annotations
 
@@ -70,14 +71,17 @@ def test_a_flooding_tenant_does_not_hurt_the_other(
     assert flood["completed"] > 3 * STEADY  # it got more than its share: spare
     # Round robin: while the steady tenant had a call waiting, the flooder never got two
     # turns in a row.
-    grants = server.state.admission.stats().recent_grants
+    stats = server.state.admission.stats()
+    grants = stats.recent_grants
     a, b = tenant["a"], tenant["b"]
     contested = 0
     for (who, waiting), (after, _) in itertools.pairwise(grants):
         if who == b and a in waiting:
             contested += 1
             assert after == a, grants
-    assert contested >= 1 or all(b not in w for _, w in grants), "nothing queued"
+    # The flood met the steady tenant: it waited its turn, or took the flooder's places.
+    met = contested >= 1 or stats.preempted_total >= 1
+    assert met or all(b not in w for _, w in grants), "nothing queued"
     before = base_steady["ttft_ms"]["p99"]
     during = steady["ttft_ms"]["p99"]
     ratio = during / before

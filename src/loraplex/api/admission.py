@@ -4,8 +4,9 @@ The engine runs `seats` requests at once; calls beyond wait here, not in its fir
 served queue, and start in this order: tenants in turn (the one served longest ago first);
 within a turn, the first call that is ready (its adapter in a slot, or a slot can take it);
 a call that waits for a slot may be overtaken `max_bypass` times, then it is due and holds
-back what would delay its slot. Waiting calls prefetch their adapters. docs/api.md
-("Admission and fairness") and docs/architecture.md tell the why.
+back what would delay its slot. Waiting calls prefetch their adapters. When every seat is
+taken, a call may take the seats of a tenant that runs more (fair_share.py, `preempt`).
+docs/api.md ("Admission and fairness") and docs/architecture.md tell the why.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ from .admission_types import (
     AdmissionStats,
     AllResident,
     ClientGone,
-    Ewma,
     Refused,
     Ticket,
     TokenBuckets,
     Waiter,
-    settle,
+    WaitEstimate,
+    deliver,
 )
+from .fair_share import FairShare
 
 __all__ = ["Admission", "AdmissionConfig", "ClientGone", "Refused", "Ticket"]
 
@@ -60,12 +62,11 @@ class Admission:
         if config.tenant_token_rate > 0:
             rate, burst = config.tenant_token_rate, config.tenant_token_burst
             self._buckets = TokenBuckets(rate, burst)
-        self._interval = Ewma()  # seconds between two freed seats
-        self._last_release: float | None = None
-        self._load = {"host": Ewma(), "disk": Ewma()}  # adapter load seconds
+        self._estimate = WaitEstimate()
         self._bypassed_total = 0
         # (tenant served, tenants that were waiting too): round robin, made checkable.
         self._grants: deque[tuple[str, tuple[str, ...]]] = deque(maxlen=256)
+        self._fair = FairShare(clock)
         self._last_dispatch = -math.inf
         self._where_cache: dict[Hashable, str] | None = None  # during one dispatch
         # Observers of each admitted call: (tenant, residency, seconds waited).
@@ -100,8 +101,10 @@ class Admission:
             self._queues.setdefault(tenant, deque()).append(waiter)
             waiter.where = self._where(key)
             self._dispatch()
-        if not waiter.future.done():
-            self._prefetch(waiter)
+        if not waiter.future.done() and waiter.where in ("host", "disk"):
+            # Into a free slot (no eviction), else host memory: the load overlaps the wait.
+            free, _ = self.residency.room()
+            self.residency.prefetch(key, "device" if free > 0 else "host")
         try:
             return await self._wait(waiter, disconnected)
         except BaseException:
@@ -116,6 +119,7 @@ class Admission:
             self._unreserve(ticket)
             ticket.released = True
             self._in_use -= ticket.seats
+            self._fair.end(ticket)
             waiter.future, waiter.loop = loop.create_future(), loop
             waiter.blocked, waiter.blocked_since = True, ticket.blocked_since
             self._queues.setdefault(waiter.tenant, deque()).appendleft(waiter)
@@ -166,17 +170,10 @@ class Admission:
     def _check_limits(self, tenant: str, tokens: int, key) -> None:
         config = self.config
         if self._active[tenant] >= config.max_per_tenant:
-            raise Refused(
-                "tenant_limit", 429, "too many concurrent requests for this key", 1
-            )
+            raise Refused.of("tenant_limit", 1)
         waiting = sum(len(q) for q in self._queues.values())
         if self._in_use >= config.seats and waiting >= config.max_queued:
-            raise Refused(
-                "queue_full",
-                503,
-                "too many requests are queued; retry shortly",
-                self.expected_wait_s(key=key),
-            )
+            raise Refused.of("queue_full", self.expected_wait_s(key=key))
         if self._buckets is not None and tokens > 0:
             self._buckets.take(tenant, tokens, self.clock())
 
@@ -187,13 +184,8 @@ class Admission:
         if waiter in self._queues.get(waiter.tenant, ()):
             self._remove(waiter)
             self._leave(waiter.tenant)
-            raise Refused(
-                "adapter_wait",
-                503,
-                "every adapter slot is in use by running requests; retry shortly",
-                max(1.0, self.expected_wait_s(key=waiter.key)),
-                code="pool_exhausted",
-            )
+            wait = max(1.0, self.expected_wait_s(key=waiter.key))
+            raise Refused.of("adapter_wait", wait)
 
     # -- dispatch (under the lock) ------------------------------------------------------------
 
@@ -216,17 +208,15 @@ class Admission:
         )
         return free + evictable - pending
 
-    def _ready(self, w: Waiter, room_left: int) -> bool:
-        fits = self._in_use == 0 or self._in_use + w.seats <= self.config.seats
+    def _ready(self, w: Waiter, room_left: int, fit: bool = True) -> bool:
+        seats = self._in_use + w.seats
+        fits = not fit or seats <= self.config.seats or not self._in_use
         if w.key is None:
             return fits
         w.where = self._where(w.key)
         has_slot = w.where in ("device", "loading") or self._reserved[w.key] > 0
         w.blocked = not (has_slot or room_left > 0)
-        if w.blocked:
-            w.blocked_since = w.blocked_since or self.clock()
-        else:
-            w.blocked_since = None
+        w.blocked_since = (w.blocked_since or self.clock()) if w.blocked else None
         return fits and not w.blocked
 
     def _due(self) -> Waiter | None:
@@ -238,8 +228,11 @@ class Admission:
         ]
         return min(due, key=lambda w: w.seq) if due else None
 
+    def _tenants_in_turn(self) -> list[str]:
+        return sorted(self._queues, key=lambda t: self._served.get(t, -1))
+
     def _in_turn(self):
-        for tenant in sorted(self._queues, key=lambda t: self._served.get(t, -1)):
+        for tenant in self._tenants_in_turn():
             yield from list(self._queues[tenant])
 
     def _dispatch(self) -> None:
@@ -259,14 +252,37 @@ class Admission:
             else:
                 pick = self._next_ready(room_left, due)
             if pick is None:
-                return
-            if pick.key is not None and pick.where in ("host", "disk"):
-                if self._reserved[pick.key] == 0:
-                    room_left -= 1
-                self._reserved[pick.key] += 1
-            self._grant(pick)
+                break
+            room_left = self._take(pick, room_left)
             if self._where_cache is None:  # a nested release ended the pass
                 return
+        self._displace(room_left)
+
+    def _displace(self, room_left: int) -> None:
+        """Every place is taken: a tenant's first ready call takes the places of requests
+        of a tenant that runs more (fair_share.py), unless a call is due for a slot."""
+        while self.config.preempt and self._queues and self._due() is None:
+            for tenant in self._tenants_in_turn():
+                queue = self._queues[tenant]
+                w = next((w for w in queue if self._ready(w, room_left, False)), None)
+                now = (self._in_use, self.config.seats)
+                displaces = self._fair.pick(tenant, w.seats, *now) if w else None
+                if displaces:
+                    break
+            else:
+                return
+            room_left = self._take(w, room_left, displaces)
+            if self._where_cache is None:
+                return
+
+    def _take(self, pick: Waiter, room_left: int, displaces=()) -> int:
+        """Admit `pick` (a cold adapter reserves a slot); the slots left."""
+        if pick.key is not None and pick.where in ("host", "disk"):
+            if self._reserved[pick.key] == 0:
+                room_left -= 1
+            self._reserved[pick.key] += 1
+        self._grant(pick, displaces)
+        return room_left
 
     def _next_ready(self, room_left: int, due: Waiter | None) -> Waiter | None:
         """The first ready call in turn. While `due` waits for a slot, another call may
@@ -287,7 +303,7 @@ class Admission:
                 return w
         return None
 
-    def _grant(self, w: Waiter) -> None:
+    def _grant(self, w: Waiter, displaces=()) -> None:
         self._remove(w)
         for other in self._in_turn():
             if other.blocked and other.seq < w.seq:
@@ -299,19 +315,13 @@ class Admission:
         waited = self.clock() - w.enqueued
         ticket = Ticket(self, w, w.tenant, w.key, w.seats, waited, w.where)
         ticket.blocked_since = w.blocked_since or (self.clock() if w.blocked else None)
+        self._fair.add(ticket, displaces)
         for observe in self.waits:
             observe(w.tenant, w.where, waited)
         if w.future.done():  # cancelled: give the seats back at once
             self._release(ticket)
             return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is w.loop:
-            w.future.set_result(ticket)
-        else:
-            w.loop.call_soon_threadsafe(settle, w.future, ticket, self)
+        deliver(w, ticket, self)
 
     def _leave(self, tenant: str) -> None:
         self._active[tenant] -= 1
@@ -329,7 +339,11 @@ class Admission:
     def _loaded(self, ticket: Ticket, seconds: float) -> None:
         with self._lock:
             if self._unreserve(ticket):
-                self._load[ticket.where].add(seconds)
+                self._estimate.loaded(ticket.where, seconds)
+
+    def _start(self, ticket: Ticket, request_ids) -> list[str]:
+        with self._lock:
+            return [] if ticket.released else self._fair.started(ticket, request_ids)
 
     def _unreserve(self, ticket: Ticket) -> bool:
         """End the call's reservation of a slot; whether it had one."""
@@ -350,11 +364,9 @@ class Admission:
             self._unreserve(ticket)
             ticket.released = True
             self._in_use -= ticket.seats
+            self._fair.end(ticket)
             self._leave(ticket.tenant)
-            now = self.clock()
-            if self._last_release is not None:
-                self._interval.add(now - self._last_release)
-            self._last_release = now
+            self._estimate.freed(self.clock())
             self._dispatch()
 
     # -- what admission reports ----------------------------------------------------------
@@ -368,12 +380,9 @@ class Admission:
             if tenant is not None:
                 mine = len(self._queues.get(tenant, ())) + 1
                 ahead = min(waiting, mine * max(1, len(self._queues)))
-            queued = 0.0
-            if ahead or self._in_use >= self.config.seats:
-                queued = (ahead + 1) * (self._interval.value or 0.0)
+            full = self._in_use >= self.config.seats
             where = self._where(key) if key is not None else "device"
-            load = self._load.get(where)
-            return queued + (load.value or 0.0 if load else 0.0)
+            return self._estimate.seconds(ahead, full, where)
 
     def stats(self) -> AdmissionStats:
         with self._lock:
@@ -386,12 +395,6 @@ class Admission:
                 expected_wait_s=self.expected_wait_s(),
                 bypassed_total=self._bypassed_total,
                 held_for_slot=self._due() is not None,
+                preempted_total=self._fair.preempted_total,
                 recent_grants=list(self._grants),
             )
-
-    def _prefetch(self, waiter: Waiter) -> None:
-        if waiter.key is None or waiter.where not in ("host", "disk"):
-            return
-        free, _ = self.residency.room()
-        # Into a free slot (no eviction), else into host memory: the load overlaps the wait.
-        self.residency.prefetch(waiter.key, "device" if free > 0 else "host")

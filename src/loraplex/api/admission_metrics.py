@@ -1,5 +1,6 @@
 """Admission's series on /metrics: calls waiting, seats, per-tenant calls, the expected wait,
-bypasses, and whether a call waiting for an adapter slot holds the others back."""
+bypasses, fair-share preemptions, and whether a call waiting for an adapter slot holds the
+others back."""
 
 from __future__ import annotations
 
@@ -58,3 +59,10 @@ class AdmissionCollector(Collector):
         )
         bypassed.add_metric([], stats.bypassed_total)
         yield bypassed
+        preempted = CounterMetricFamily(
+            "loraplex_admission_preempted",
+            "Engine requests preempted (recomputed later) so that a waiting call of a "
+            "tenant running fewer started at once.",
+        )
+        preempted.add_metric([], stats.preempted_total)
+        yield preempted

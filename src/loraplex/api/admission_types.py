@@ -24,6 +24,9 @@ class AdmissionConfig:
     tenant_token_burst: int = 0  # bucket size; 0 = ten seconds of the rate
     max_bypass: int = 16  # times a call waiting for a slot may be overtaken
     adapter_wait_s: float = 10.0  # how long a call waits for a slot before 503
+    # A waiting call may take the places of running requests of a tenant that runs more
+    # (fair_share.py); the engine client must preempt them (Submission.displaces).
+    preempt: bool = False
 
 
 class AdapterResidency(Protocol):
@@ -69,6 +72,23 @@ class Refused(Exception):
         self.reason, self.status, self.code = reason, status, code
         self.retry_after = max(1, math.ceil(retry_after_s))
 
+    @classmethod
+    def of(cls, reason: str, retry_after_s: float) -> Refused:
+        """One of admission's own refusals (a tenant's token rate has its own message)."""
+        status, message, code = _REFUSALS[reason]
+        return cls(reason, status, message, retry_after_s, code)
+
+
+_REFUSALS = {  # reason → (status, message, code)
+    "tenant_limit": (429, "too many concurrent requests for this key", None),
+    "queue_full": (503, "too many requests are queued; retry shortly", None),
+    "adapter_wait": (
+        503,
+        "every adapter slot is in use by running requests; retry shortly",
+        "pool_exhausted",
+    ),
+}
+
 
 class ClientGone(Exception):
     """The client disconnected while its call waited."""
@@ -105,6 +125,18 @@ class Ticket:
     acquired: bool = False
     released: bool = False
     blocked_since: float | None = None  # it waited for a slot from then
+    # Fair share (fair_share.py): its engine requests once queued, those of them that gave
+    # their places to other calls, and the (call, request id) whose places it may take.
+    request_ids: tuple[str, ...] = ()
+    started: bool = False
+    displaced: set[str] = field(default_factory=set)
+    displaces: list[tuple[Ticket, str]] = field(default_factory=list)
+
+    def start(self, request_ids) -> list[str]:
+        """The call's engine requests are `request_ids`; returns the ids of the requests
+        whose places they may take, in order: the engine client preempts the first ones
+        it finds running, one per request of this call."""
+        return self.admission._start(self, request_ids)
 
     def loaded(self, seconds: float) -> None:
         """The adapter is pinned (it took `seconds`): its reservation of a slot ends."""
@@ -126,6 +158,7 @@ class AdmissionStats:
     expected_wait_s: float
     bypassed_total: int
     held_for_slot: bool  # a call is due: nothing else starts until it gets a slot
+    preempted_total: int = 0  # engine requests that gave their places (fair share)
     # The last grants, oldest first: (tenant, the other tenants that had calls waiting).
     recent_grants: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
 
@@ -168,6 +201,41 @@ class Ewma:
         self.value = (
             sample if old is None else (1 - self.weight) * old + self.weight * sample
         )
+
+
+class WaitEstimate:
+    """What the expected wait is made of: the rate seats free, the adapters' load times."""
+
+    def __init__(self) -> None:
+        self.interval = Ewma()  # seconds between two freed seats
+        self.last_freed: float | None = None
+        self.load = {"host": Ewma(), "disk": Ewma()}  # adapter load seconds, by source
+
+    def freed(self, now: float) -> None:
+        if self.last_freed is not None:
+            self.interval.add(now - self.last_freed)
+        self.last_freed = now
+
+    def loaded(self, where: str, seconds: float) -> None:
+        self.load[where].add(seconds)
+
+    def seconds(self, ahead: int, full: bool, where: str) -> float:
+        """`ahead` calls before this one (`full`: no seat free), its adapter `where`."""
+        queued = (ahead + 1) * (self.interval.value or 0.0) if ahead or full else 0.0
+        load = self.load.get(where)
+        return queued + (load.value or 0.0 if load else 0.0)
+
+
+def deliver(waiter: Waiter, ticket: Ticket, admission: Admission) -> None:
+    """Hand the ticket to the waiting call, on its own event loop."""
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is waiter.loop:
+        waiter.future.set_result(ticket)
+    else:
+        waiter.loop.call_soon_threadsafe(settle, waiter.future, ticket, admission)
 
 
 def settle(future: asyncio.Future, ticket: Ticket, admission: Admission) -> None:

@@ -30,6 +30,10 @@ class Submission:
     scope: PrefixScope | None = None  # who may share its cached KV
     # The call's adapter lease, for clients whose engines pin slots themselves (replicas).
     lease: object | None = None
+    # Engine requests of other calls, one of which this one takes the place of (admission's
+    # fair share): where the client `can_preempt`, the first of them still running is
+    # preempted (recomputed later) once this one is queued.
+    displaces: tuple[str, ...] = ()
 
 
 class OutputStream(Protocol):
@@ -52,6 +56,7 @@ class InferenceClient(Protocol):
     """What the routes need of an engine: the in-process EngineClient, or replicas."""
 
     num_active: int  # requests submitted and not finished
+    can_preempt: bool  # whether submit honours Submission.displaces
 
     @property
     def alive(self) -> bool:
@@ -60,7 +65,8 @@ class InferenceClient(Protocol):
     def new_request_id(self, prefix: str) -> str: ...
 
     async def submit(self, submissions: Sequence[Submission]) -> list[OutputStream]:
-        """Queue every request of one call at once (all or none).
+        """Queue every request of one call at once (all or none), then preempt the
+        requests they displace (if it can).
 
         :raises InvalidRequestError: the engine refused a request.
         :raises EngineDeadError: no engine can take it now (retryable).
@@ -112,6 +118,8 @@ class RequestStream:
 class EngineClient:
     """Submits requests to an EngineThread and streams their outputs into the event loop."""
 
+    can_preempt = True
+
     def __init__(self, thread: EngineThread) -> None:
         self.thread = thread
         self._ids = itertools.count()
@@ -137,6 +145,8 @@ class EngineClient:
 
     async def submit(self, submissions: Sequence[Submission]) -> list[RequestStream]:
         """Queue every request at once; if any is refused, abort the others and re-raise.
+        The requests they displace are preempted right after they are queued (between the
+        same two steps, as a rule), so that the new ones take their places in the batch.
 
         :raises InvalidRequestError: the engine refused a request (bad length, slot, ...).
         :raises EngineDeadError: the engine is not running.
@@ -160,6 +170,9 @@ class EngineClient:
                     sub.scope,
                 )
             )
+        wanted = [sub.displaces for sub in submissions if sub.displaces]
+        if wanted:
+            self.thread.call(lambda engine: _displace(engine.scheduler, wanted))
         results = await asyncio.gather(
             *(asyncio.wrap_future(f) for f in futures), return_exceptions=True
         )
@@ -171,3 +184,14 @@ class EngineClient:
                 stream.close()
             raise errors[0]
         return streams
+
+
+def _displace(scheduler, wanted: list[tuple[str, ...]]) -> None:
+    """On the engine thread: for each new request, preempt the first of its candidates
+    that is running and not yet preempted for another."""
+    taken: set[str] = set()
+    for candidates in wanted:
+        for request_id in candidates:
+            if request_id not in taken and scheduler.preempt(request_id):
+                taken.add(request_id)
+                break

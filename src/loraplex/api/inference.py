@@ -21,7 +21,7 @@ from loraplex.platform import (
 )
 
 from .admission import ClientGone, Refused
-from .admission_types import AllResident
+from .admission_types import AllResident, Ticket
 from .engine_client import OutputStream, Submission
 from .errors import ApiError
 from .generation import ChoiceResult, merge, run_until_disconnect
@@ -110,6 +110,7 @@ class Placement:
     slot: int | None
     scope: PrefixScope
     lease: AdapterLease | None = None  # engines that pin slots themselves read it
+    ticket: Ticket | None = None  # admission's, told the call's engine request ids
 
 
 def tenant_salt(principal: Principal) -> str:
@@ -183,7 +184,7 @@ async def admitted(
                 raise _not_found(model)
         slot = lease.slot if lease is not None else None
         scope = prefix_scope(state, principal, lease)
-        yield Placement(slot, scope, lease), release
+        yield Placement(slot, scope, lease, ticket), release
     except BaseException:
         if ticket is None:
             state.active_by_tenant[tenant] -= 1
@@ -276,16 +277,21 @@ async def submit(
     params: list[SamplingParams],
     placement: Placement,
 ):
+    ids = [state.client.new_request_id(prefix) for _ in prompts]
+    # Where admission's fair share gave this call the places of running requests, the
+    # engine preempts some of these (one per request) as it queues the call's.
+    displaced = placement.ticket.start(ids) if placement.ticket is not None else []
     submissions = [
         Submission(
-            state.client.new_request_id(prefix),
+            rid,
             prompt,
             p,
             placement.slot,
             placement.scope,
             placement.lease,
+            tuple(displaced),
         )
-        for prompt, p in zip(prompts, params, strict=True)
+        for rid, prompt, p in zip(ids, prompts, params, strict=True)
     ]
     try:
         return await state.client.submit(submissions)

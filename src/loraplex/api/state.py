@@ -110,6 +110,7 @@ class ApiState:
             tenant_token_burst=c.tenant_token_burst,
             max_bypass=c.max_adapter_bypass,
             adapter_wait_s=c.adapter_wait_s,
+            preempt=getattr(self.client, "can_preempt", False),
         )
         knows_residency = all(
             hasattr(self.resolver, name)

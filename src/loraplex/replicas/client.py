@@ -107,6 +107,10 @@ class _Call:
 class ReplicaClient:
     """Submits each API call to the engine replicas as one streaming Ray Serve call."""
 
+    can_preempt = (
+        False  # each replica's engine serves its own queue first come, first served
+    )
+
     def __init__(self, handle, view: FleetView, attempts: int = 3) -> None:
         self.handle = handle
         self.view = view
