@@ -13,8 +13,9 @@ place frees). The tenant giving places is the one running the most, and it gives
   the other is served first, its bursts included (and not taken back).
 
 A tenant alone never loses a place. Requests that never gave their place go first; one that
-did may give it again once it runs again (the engine runs it at least one step, so it still
-advances), never while it waits.
+did may give it again once it runs again, never while admission counts it as waiting. (It
+runs at least one step in between: one whose recompute needs more than a step's token
+budget may be cut again before it samples, as with preemption for KV blocks.)
 """
 
 from __future__ import annotations
