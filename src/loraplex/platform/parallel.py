@@ -203,7 +203,18 @@ def join(
     return TensorParallel(rank, world_size, dist.group.WORLD, control)
 
 
-def leave() -> None:
-    """Leave the group joined by `join` (a no-op when there is none)."""
-    if dist.is_initialized():
+def leave(tp: TensorParallel | None = None) -> None:
+    """Leave the group joined by `join` (a no-op when there is none).
+
+    NCCL's orderly teardown waits for every peer and was seen to hang when ranks left one by
+    one, so an NCCL group is aborted (ncclCommAbort: local, immediate) after the gloo control
+    group is destroyed; a gloo-only group is destroyed.
+    """
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() != "nccl":
         dist.destroy_process_group()
+        return
+    if tp is not None and tp.control is not None:
+        dist.destroy_process_group(tp.control)
+    dist.distributed_c10d._abort_process_group()

@@ -127,10 +127,7 @@ class TensorParallelWorkers:
         self._command(_CLEAR, slot)
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Stop the workers and leave the group.
-
-        Every rank leaves at the same time (NCCL's teardown waits for its peers), so rank 0
-        leaves in a thread while the workers do, then waits for both."""
+        """Stop the workers (each leaves the group and exits), then leave the group."""
         if self._stopping:
             return
         self._stopping = True
@@ -139,8 +136,6 @@ class TensorParallelWorkers:
                 self._command(_STOP, 0)
             except (RuntimeError, TensorParallelError):
                 log.warning("tensor parallel: workers did not take the stop command")
-        leaving = threading.Thread(target=leave, name="loraplex-tp-leave", daemon=True)
-        leaving.start()
         for process in self.processes:
             process.join(timeout_s)
             if process.is_alive():
@@ -149,9 +144,7 @@ class TensorParallelWorkers:
                 )
                 process.kill()
                 process.join(5)
-        leaving.join(timeout_s)
-        if leaving.is_alive():
-            log.error("tensor parallel: leaving the process group did not finish")
+        leave(self.tp)
 
     def _command(self, command: int, argument: int) -> None:
         if self.failure is not None:
@@ -197,10 +190,13 @@ def run_worker(args: WorkerArgs) -> None:
             tp=tp,
         )
         _serve(shard, tp)
-        leave()  # with rank 0 and the other workers, which leave at the same time
+        leave(tp)
     except BaseException:
         log.exception("tensor-parallel rank %d failed", args.rank)
-        os._exit(1)  # not sys.exit: a broken NCCL group can hang interpreter shutdown
+        logging.shutdown()
+        os._exit(1)  # not sys.exit: CUDA and NCCL teardown at exit can hang
+    logging.shutdown()
+    os._exit(0)
 
 
 def _serve(shard, tp: TensorParallel) -> None:
