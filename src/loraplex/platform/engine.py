@@ -225,7 +225,11 @@ class Engine:
         self._loaded_slots.discard(slot)
 
     def close(self) -> None:
-        """Stop the tensor-parallel workers, if any; the engine is unusable afterwards."""
+        """Release the decode graphs and stop the tensor-parallel workers, if any; the engine
+        is unusable afterwards."""
+        runner = getattr(self, "runner", None)  # absent when the shard failed to build
+        if runner is not None:
+            runner.close()
         if self.workers is not None:
             self.workers.stop()
 

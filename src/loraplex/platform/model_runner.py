@@ -12,6 +12,7 @@ before it runs, so that all ranks run the same step, graph for graph.
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import torch
@@ -92,6 +93,16 @@ class ModelRunner:
                 device=device,
                 capture=True,
             )
+
+    def close(self) -> None:
+        """Release the decode graphs. A tensor-parallel rank does this before it leaves its
+        group: NCCL will not tear down a communicator that live graphs still launch on."""
+        if self.decode_graphs is None:
+            return
+        self.decode_graphs = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        gc.collect()
 
     @property
     def num_kv_blocks(self) -> int:

@@ -144,7 +144,14 @@ class TensorParallelWorkers:
                 )
                 process.kill()
                 process.join(5)
-        leave(self.tp)
+        # Bounded: a teardown stuck in NCCL must not keep the server from exiting.
+        leaving = threading.Thread(
+            target=leave, args=(self.tp,), name="loraplex-tp-leave", daemon=True
+        )
+        leaving.start()
+        leaving.join(timeout_s)
+        if leaving.is_alive():
+            log.error("tensor parallel: leaving the process group did not finish")
 
     def _command(self, command: int, argument: int) -> None:
         if self.failure is not None:
@@ -213,6 +220,7 @@ def _serve(shard, tp: TensorParallel) -> None:
         elif command == _CLEAR:
             shard.lora_slots.clear(argument)
         elif command == _STOP:
+            shard.runner.close()
             return
         else:
             raise TensorParallelError(f"unknown command {command} from rank 0")
