@@ -12,7 +12,7 @@ import torch
 
 from loraplex.cli import build_parser, main
 from loraplex.kernels import fp8
-from loraplex.platform import Engine, EngineConfig, ModelLoadError
+from loraplex.platform import Engine, EngineConfig, ModelLoadError, SamplingParams
 from loraplex.platform import engine_dir as engine_dir_module
 from loraplex.platform.engine_build import (
     GATE_PROMPTS,
@@ -115,6 +115,38 @@ def test_the_engine_loads_without_quantizing_and_computes_what_quantizing_at_loa
     for a, b in zip(ours, prompt_logits(at_load_fp8.model, prompts), strict=True):
         assert torch.equal(a, b)
     assert "top-1 agreement" in loaded.built.summary()
+
+
+def test_an_engine_directory_splits_over_two_ranks(built):
+    """A one-GPU build served by 2 tensor-parallel ranks (gloo): each rank cuts its shard of
+    the stored FP8 weights and scales (rows of q/k/v with their biases, columns of o) and the
+    greedy tokens are those of one rank."""
+    _, engine_dir, _ = built
+    prompts = gate_prompts(256, 20)[:3]
+    tokens = {}
+    for size in (1, 2):
+        engine = Engine(
+            EngineConfig(
+                model=str(engine_dir),
+                device="cpu",
+                max_loras=0,
+                tensor_parallel_size=size,
+            )
+        )
+        try:
+            assert engine.config.quantization == "fp8"
+            params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+            for i, prompt in enumerate(prompts):
+                engine.add_request(f"r{i}", prompt, params)
+            got: dict[str, list[int]] = {}
+            while engine.has_unfinished_requests:
+                for out in engine.step():
+                    got.setdefault(out.request_id, []).extend(out.new_token_ids)
+            tokens[size] = got
+        finally:
+            engine.close()
+    assert tokens[2] == tokens[1]
+    assert all(len(t) == 8 for t in tokens[1].values())
 
 
 def test_serving_limits_come_from_the_engine_and_may_only_go_down(built):

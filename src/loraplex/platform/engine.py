@@ -234,11 +234,6 @@ class Engine:
             self.workers.stop()
 
     def _start_workers(self, config: EngineConfig):
-        if self.built is not None:
-            raise ModelLoadError(
-                "an engine directory cannot be split over several GPUs yet; serve the "
-                "checkpoint with --quantization fp8 and --tensor-parallel-size instead"
-            )
         check_shardable(self.spec, config.tensor_parallel_size)
         args = WorkerArgs(
             config=config,

@@ -122,17 +122,22 @@ class BuiltEngine:
 
     def load_weights(self, model: torch.nn.Module, progress: bool = False) -> None:
         """Copy the stored tensors into `model` (built with the same quantization): strict
-        names, shapes and dtypes, no quantization."""
+        names, shapes and dtypes, no quantization. A tensor-parallel rank's model takes its
+        shard of each (read on the host, cut, then copied to its device)."""
         expected = model_tensors(model)
         seen: set[str] = set()
-        device = str(next(model.parameters()).device)
+        split = getattr(getattr(model, "tp", None), "enabled", False)
+        device = "cpu" if split else str(next(model.parameters()).device)
         bar = tqdm(total=len(expected), desc="loading engine", disable=not progress)
         for entry in self.record["weights"]:
             path = self.root / entry["file"]
             try:
                 with safe_open(str(path), framework="pt", device=device) as f:
                     for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                        _copy(expected, name, f.get_tensor(name), path)
+                        tensor = f.get_tensor(name)
+                        if split and name in expected:
+                            tensor = model.shard_of(name, tensor)
+                        _copy(expected, name, tensor, path)
                         seen.add(name)
                         bar.update()
             except (SafetensorError, OSError, RuntimeError) as exc:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from .batch import ScheduledBatch
 from .config import EngineConfig, ModelSpec
+from .engine_dir import open_engine_dir
 from .engine_shard import build_shard
 from .lora_slots import LoraWeights, shard_lora_weights
 from .parallel import TensorParallel, join, leave
@@ -194,6 +195,7 @@ def run_worker(args: WorkerArgs) -> None:
             device=device,
             dtype=args.dtype,
             max_model_len=args.max_model_len,
+            built=open_engine_dir(args.config.model),  # rank 0 checked it already
             tp=tp,
         )
         _serve(shard, tp)

@@ -43,9 +43,11 @@ class LoraLinear(nn.Module):
         device: torch.device,
         quantization: str = "none",
         shards: Sequence[tuple[slice | None, slice | None]] | None = None,
+        full_out_sizes: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.shards = tuple(shards or [(None, None)] * len(out_sizes))
+        self.full_out_sizes = tuple(full_out_sizes or out_sizes)  # the unsplit slices
         if quantization not in ("none", "fp8"):
             raise ValueError(f"quantization {quantization!r} is not 'none' or 'fp8'")
         self.in_features = in_features
@@ -100,6 +102,17 @@ class LoraLinear(nn.Module):
             param.data[rows], self.weight_scale[rows] = fp8.quantize_weight(weight)
         else:
             param.data[rows].copy_(tensor)
+
+    def shard_of_fused(self, kind: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the unsplit fused `weight` [out, in], `weight_scale` [out, 1]
+        or `bias` [out] (as a one-GPU engine directory stores them): rows per slice, and the
+        input columns of a weight."""
+        pieces = full.split(self.full_out_sizes, dim=0)
+        parts = [
+            take_shard(piece, rows, columns if kind == "weight" else None)
+            for piece, (rows, columns) in zip(pieces, self.shards, strict=True)
+        ]
+        return torch.cat(parts).contiguous()
 
     def set_weight(self, weight: torch.Tensor) -> None:
         """Fill the whole fused weight [out, in] (quantized if this layer is FP8)."""

@@ -56,6 +56,7 @@ class Attention(nn.Module):
             device,
             quantization,
             shards=[tp.weight_shard(spec, t) for t in "qkv"],
+            full_out_sizes=(spec.q_size, spec.kv_size, spec.kv_size),
         )
         self.o_proj = RowParallelLinear(
             local.q_size,
@@ -114,6 +115,7 @@ class MLP(nn.Module):
             device,
             quantization,
             shards=[tp.weight_shard(spec, t) for t in ("gate", "up")],
+            full_out_sizes=(spec.intermediate_size, spec.intermediate_size),
         )
         self.down_proj = RowParallelLinear(
             inter,
@@ -219,6 +221,22 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.norm(x[rows], residual[rows])
         logits = self.tp.all_gather_columns(F.linear(x, self.lm_head_weight))
         return logits[:, : self.spec.vocab_size].float()
+
+    def shard_of(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of tensor `name` of the unsplit model (as `state_dict` names it:
+        an engine directory built on one GPU)."""
+        if not self.tp.enabled:
+            return full
+        if name in ("embed_tokens.weight", "lm_head_weight"):
+            rows, per_rank = self.tp.vocab_rows(self.spec.vocab_size)
+            shard = full.new_zeros((per_rank, *full.shape[1:]))
+            shard[: rows.stop - rows.start] = full[rows]
+            return shard
+        module_name, _, kind = name.rpartition(".")
+        module = self.get_submodule(module_name)
+        if isinstance(module, ColumnParallelLinear | RowParallelLinear):
+            return module.shard_of_fused(kind, full)
+        return full
 
     def use_fusions(self, fusions: Fusions) -> None:
         """Route every norm, rotary and activation of the model through `fusions`."""
