@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import httpx
@@ -78,8 +79,13 @@ async def send(
     spec: RequestSpec,
     body: dict,
     started_at: float,
+    on_first_token: Callable[[], None] | None = None,
 ) -> RequestRecord:
-    """POST `body` and read its server-sent events to the end; never raises."""
+    """POST `body` and read its server-sent events to the end; never raises.
+
+    :param on_first_token: called once, when the first token arrives (the server has
+        admitted the call and holds its adapter), before the rest is read.
+    """
     sent = time.perf_counter()
     record = RequestRecord(
         spec.index, spec.tenant, spec.model, spec.kind, sent - started_at
@@ -94,7 +100,7 @@ async def send(
                 record.error = _error_message(response)
                 record.retry_after = response.headers.get("retry-after")
                 return record
-            await _read_events(response, record, sent)
+            await _read_events(response, record, sent, on_first_token)
     except httpx.TimeoutException as exc:
         record.outcome, record.error = "timeout", repr(exc)
     except httpx.ConnectError as exc:
@@ -107,7 +113,10 @@ async def send(
 
 
 async def _read_events(
-    response: httpx.Response, record: RequestRecord, sent: float
+    response: httpx.Response,
+    record: RequestRecord,
+    sent: float,
+    on_first_token: Callable[[], None] | None = None,
 ) -> None:
     last_token: float | None = None
     finish = None
@@ -134,6 +143,8 @@ async def _read_events(
                 continue
             if last_token is None:
                 record.ttft_s = now - sent
+                if on_first_token is not None:
+                    on_first_token()
             else:
                 record.itl_s.append(now - last_token)
             last_token = now
