@@ -114,7 +114,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{port}"
         self.data_dir, self.temp_dir, self.log_path = data_dir, temp_dir, log
         temp_dir.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-c", _LAUNCH, "serve", str(model_dir)]
+        command = [sys.executable, "-m", "loraplex", "serve", str(model_dir)]
         command += ["--load-format", "dummy", "--port", str(port)]
         command += ["--data-dir", str(data_dir), "--served-model-name", "base"]
         device = {"--device": "cpu", "--dtype": "float32"}
@@ -123,7 +123,7 @@ class ServerProcess:
         for flag, value in {**device, **options}.items():
             command += [flag] if value is True else [flag, str(value)]
         command += list(extra)
-        self.command = command
+        self.command = command  # what runs; started through _LAUNCH
         env = {
             **os.environ,
             "LORAPLEX_ADMIN_KEY": ADMIN_KEY,
@@ -132,7 +132,10 @@ class ServerProcess:
         }
         self.log = log.open("w")
         self.proc = subprocess.Popen(
-            command, env=env, stdout=self.log, stderr=subprocess.STDOUT
+            [sys.executable, "-c", _LAUNCH, *command[3:]],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
         self.pid = self.proc.pid
         try:
