@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .request import Request
 
 
-@dataclass(frozen=True)
-class ScheduledSequence:
-    """One request's share of a step: positions start:start+num_new_tokens are computed."""
+class ScheduledSequence(NamedTuple):
+    """One request's share of a step: positions start:start+num_new_tokens are computed.
+
+    A NamedTuple rather than a frozen dataclass: one is built per running request per step,
+    and a frozen dataclass's __init__ costs about three times as much.
+    """
 
     request: Request
     start: int  # num_computed_tokens before this step

@@ -41,6 +41,9 @@ class BlockManager:
         self._roots: list[bytes | None] = [None] * num_blocks  # to forget a whole root
         self._index: dict[bytes, int] = {}  # chain hash → block
         self._tables: dict[str, list[int]] = {}
+        # The tables as tuples, what each step's batch carries: kept until a table changes, so
+        # that a request decoding inside its last block costs the scheduler no copy of it.
+        self._frozen: dict[str, tuple[int, ...]] = {}
         self._num_indexed: dict[str, int] = {}  # leading table blocks already indexed
 
     @property
@@ -107,6 +110,7 @@ class BlockManager:
                 f"{self.blocks_needed(request_id, num_tokens)} KV blocks needed, "
                 f"{self.num_free_blocks} free"
             )
+        self._frozen.pop(request_id, None)
         table = self._tables.setdefault(request_id, [])
         if cached:
             assert not table, "cached blocks can only start a table"
@@ -121,6 +125,28 @@ class BlockManager:
             self._ref_counts[block] = 1
             table.append(block)
         return table
+
+    def try_allocate(
+        self, request_id: str, num_tokens: int, cached: Sequence[int] = ()
+    ) -> tuple[int, ...] | None:
+        """`allocate` when it can succeed, else None (nothing taken): the whole table as a
+        tuple, the same object from step to step until the table grows.
+
+        The scheduler calls it for every running request at every step; a decode that still
+        fits in its last block returns at the first check.
+        """
+        frozen = self._frozen.get(request_id)
+        if frozen is not None and len(frozen) * self.block_size >= num_tokens:
+            return frozen
+        if not self.can_allocate(request_id, num_tokens, cached):
+            return None
+        frozen = tuple(self.allocate(request_id, num_tokens, cached))
+        self._frozen[request_id] = frozen
+        return frozen
+
+    def num_indexed(self, request_id: str) -> int:
+        """Leading blocks of the request's table already indexed by `cache_blocks`."""
+        return self._num_indexed.get(request_id, 0)
 
     def _take_block(self) -> int:
         """An empty block, or else the least recently used cached one, unindexed."""
@@ -169,6 +195,7 @@ class BlockManager:
         which more requests share.
         """
         self._num_indexed.pop(request_id, None)
+        self._frozen.pop(request_id, None)
         for block in reversed(self._tables.pop(request_id, [])):
             self._ref_counts[block] -= 1
             assert self._ref_counts[block] >= 0, f"block {block} freed twice"

@@ -48,16 +48,18 @@ class IncrementalDetokenizer:
 
     def step(self, token_id: int) -> tuple[str, bool]:
         """Add one token; return (text safe to emit now, whether a stop string matched)."""
+        piece = self.stream.step(self.tokenizer, token_id) or ""
+        if not self.stop:  # nothing held back: the piece is the delta, no text to keep
+            return piece, False
         before = len(self.text)
-        self.text += self.stream.step(self.tokenizer, token_id) or ""
-        if self.stop:
-            search_from = max(before - self.hold_back, 0)
-            hits = [
-                i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0
-            ]
-            if hits:
-                self.text = self.text[: min(hits)]
-                return self.flush(), True
+        self.text += piece
+        search_from = max(before - self.hold_back, 0)
+        hits = [
+            i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0
+        ]
+        if hits:
+            self.text = self.text[: min(hits)]
+            return self.flush(), True
         end = len(self.text) - self.hold_back
         if end <= self.emitted:
             return "", False
@@ -88,32 +90,26 @@ class OutputProcessor:
         self, updates: list[RequestUpdate], logprobs: list[TokenLogprobs | None]
     ) -> list[RequestOutput]:
         outputs = []
-        for update in updates:
-            request, reason = update.request, update.finish_reason
+        detokenizers = self.detokenizers
+        for request, token, reason, sample_index in updates:
             text = ""
-            detok = self.detokenizers.get(request.request_id)
-            if detok is not None and update.new_token_id is not None:
-                text, stopped = detok.step(update.new_token_id)
+            detok = detokenizers.get(request.request_id)
+            if detok is not None and token is not None:
+                text, stopped = detok.step(token)
                 if stopped and reason is None:
                     reason = FinishReason.STOP
                     self.scheduler.finish(request, reason)
-            row = (
-                logprobs[update.sample_index]
-                if update.sample_index is not None
-                else None
-            )
-            outputs.append(
-                self._output(request, [update.new_token_id], text, reason, row)
-            )
+            row = logprobs[sample_index] if sample_index is not None else None
+            outputs.append(self._output(request, token, text, reason, row))
         return outputs
 
     def aborted(self, request: Request) -> RequestOutput:
-        return self._output(request, [], "", FinishReason.ABORT, None)
+        return self._output(request, None, "", FinishReason.ABORT, None)
 
     def _output(
         self,
         request: Request,
-        tokens: list[int | None],
+        token: int | None,
         text: str,
         reason: FinishReason | None,
         logprobs: TokenLogprobs | None,
@@ -121,14 +117,15 @@ class OutputProcessor:
         if reason is not None:
             detok = self.detokenizers.pop(request.request_id, None)
             text += detok.flush() if detok is not None else ""
+        # Positional, in field order: keywords cost a third more, and this runs B times a step.
         return RequestOutput(
-            request_id=request.request_id,
-            new_token_ids=[t for t in tokens if t is not None],
-            text_delta=text,
-            finished=reason is not None,
-            finish_reason=reason,
-            logprobs=[logprobs] if logprobs is not None else [],
-            num_prompt_tokens=len(request.prompt_token_ids),
-            num_output_tokens=len(request.output_token_ids),
-            num_cached_tokens=request.num_cached_tokens,
+            request.request_id,
+            [] if token is None else [token],  # new_token_ids
+            text,  # text_delta
+            reason is not None,  # finished
+            reason,
+            [] if logprobs is None else [logprobs],
+            len(request.prompt_token_ids),
+            len(request.output_token_ids),
+            request.num_cached_tokens,
         )

@@ -125,6 +125,13 @@ class Request:
             head + self.output_token_ids[max(start - prompt_len, 0) : stop - prompt_len]
         )
 
+    def token_at(self, position: int) -> int:
+        """The token at `position` of prompt + output: a decode step's one input token."""
+        prompt_len = len(self.prompt_token_ids)
+        if position < prompt_len:
+            return self.prompt_token_ids[position]
+        return self.output_token_ids[position - prompt_len]
+
     @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .batch import ScheduledSequence
@@ -19,15 +20,21 @@ _MASK32 = 0xFFFFFFFF
 
 @dataclass(frozen=True)
 class SamplingTensors:
-    """Per-row sampling parameters for the B sampling sequences of a step."""
+    """Per-row sampling parameters for the B sampling sequences of a step.
 
-    temperature: torch.Tensor  # [B] float32 (1 on greedy rows, where it is unused)
-    top_k: torch.Tensor  # [B] int64, vocab size where off
-    top_p: torch.Tensor  # [B] float32
-    min_p: torch.Tensor  # [B] float32
-    seeds: torch.Tensor  # [B] int64, non-negative
-    steps: torch.Tensor  # [B] int64, index of the output token being sampled
-    greedy: torch.Tensor  # [B] bool
+    When every row is greedy the tensors are None: argmax needs none of them, and a greedy
+    step (the common case of benchmarks and of many deployments) then builds and copies none.
+    """
+
+    temperature: (
+        torch.Tensor | None
+    )  # [B] float32 (1 on greedy rows, where it is unused)
+    top_k: torch.Tensor | None  # [B] int64, vocab size where off
+    top_p: torch.Tensor | None  # [B] float32
+    min_p: torch.Tensor | None  # [B] float32
+    seeds: torch.Tensor | None  # [B] int64, non-negative
+    steps: torch.Tensor | None  # [B] int64, index of the output token being sampled
+    greedy: torch.Tensor | None  # [B] bool
     all_greedy: bool
     uses_top_k_or_p: bool
     uses_min_p: bool
@@ -63,26 +70,37 @@ class Sampler:
         self.device = device
 
     def prepare(self, seqs: list[ScheduledSequence]) -> SamplingTensors:
-        """Host ints and floats of the sampling rows → tensors, in one transfer each kind."""
+        """Host ints and floats of the sampling rows → tensors, in one transfer each kind
+        (none at all when every row is greedy)."""
         params = [seq.request.sampling for seq in seqs]
-        floats = torch.tensor(
-            [[p.temperature or 1.0, p.top_p, p.min_p] for p in params],
-            dtype=torch.float32,
+        requested = [p.logprobs for p in params if p.logprobs is not None]
+        if all(p.greedy for p in params):
+            return SamplingTensors(
+                *[None] * 7,
+                all_greedy=True,
+                uses_top_k_or_p=False,
+                uses_min_p=False,
+                num_top_logprobs=max(requested, default=0),
+                wants_logprobs=bool(requested),
+            )
+        floats = np.array(
+            [(p.temperature or 1.0, p.top_p, p.min_p) for p in params],
+            dtype=np.float32,
         ).reshape(-1, 3)
-        ints = torch.tensor(
+        ints = np.array(
             [
-                [
+                (
                     p.top_k or self.vocab_size,
                     seq.request.seed,
                     len(seq.request.output_token_ids),
                     p.greedy,
-                ]
+                )
                 for p, seq in zip(params, seqs, strict=True)
             ],
-            dtype=torch.int64,
+            dtype=np.int64,
         ).reshape(-1, 4)
-        floats, ints = floats.to(self.device), ints.to(self.device)
-        requested = [p.logprobs for p in params if p.logprobs is not None]
+        floats = torch.from_numpy(floats).to(self.device)
+        ints = torch.from_numpy(ints).to(self.device)
         return SamplingTensors(
             temperature=floats[:, 0],
             top_p=floats[:, 1],
@@ -91,7 +109,7 @@ class Sampler:
             seeds=ints[:, 1],
             steps=ints[:, 2],
             greedy=ints[:, 3].bool(),
-            all_greedy=all(p.greedy for p in params),
+            all_greedy=False,
             uses_top_k_or_p=any(
                 not p.greedy and (p.top_k or p.top_p < 1) for p in params
             ),

@@ -23,7 +23,7 @@ prefill in progress takes what the budget leaves, so prefill chunks and decodes 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .batch import ScheduledBatch, ScheduledSequence
 from .blocks import BlockManager
@@ -31,9 +31,11 @@ from .prefix_cache import PrefixCacheStats, block_hash
 from .request import FinishReason, Request, RequestStatus
 
 
-@dataclass(frozen=True)
-class RequestUpdate:
-    """What one step did to one request: the token it sampled and whether it has finished."""
+class RequestUpdate(NamedTuple):
+    """What one step did to one request: the token it sampled and whether it has finished.
+
+    A NamedTuple, as ScheduledSequence: one per sampling request per step.
+    """
 
     request: Request
     new_token_id: int | None
@@ -72,20 +74,27 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSequence] = []
         preempted: list[str] = []
+        running, try_allocate = self.running, self.blocks.try_allocate
         index = 0
-        while index < len(self.running) and budget > 0:
-            request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            target = request.num_computed_tokens + num_new
-            while not self.blocks.can_allocate(request.request_id, target):
-                victim = self.running[-1]
+        while index < len(running) and budget > 0:
+            request = running[index]
+            start = request.num_computed_tokens
+            num_tokens = request.num_tokens
+            num_new = min(num_tokens - start, budget)
+            table = try_allocate(request.request_id, start + num_new)
+            while (
+                table is None
+            ):  # no blocks left: the newest running request gives its own
+                victim = running[-1]
                 self._preempt(victim)
                 preempted.append(victim.request_id)
                 if victim is request:
-                    break
-            if request.status is not RequestStatus.RUNNING:
-                break  # the request itself was the newest: it waits for blocks to come back
-            scheduled.append(self._schedule(request, num_new))
+                    break  # the request itself was the newest: it waits for blocks
+                table = try_allocate(request.request_id, start + num_new)
+            if table is None:
+                break
+            samples = start + num_new == num_tokens
+            scheduled.append(ScheduledSequence(request, start, num_new, table, samples))
             budget -= num_new
             index += 1
 
@@ -109,17 +118,12 @@ class Scheduler:
                 request.num_cached_tokens = start
                 self.prefix_cache.record(request.num_tokens, start)
             self.running.append(request)
-            scheduled.append(self._schedule(request, num_new, cached))
+            table = try_allocate(request.request_id, start + num_new, cached)
+            assert table is not None, "can_allocate said it fits"
+            samples = start + num_new == request.num_tokens
+            scheduled.append(ScheduledSequence(request, start, num_new, table, samples))
             budget -= num_new
         return ScheduledBatch(sequences=tuple(scheduled), preempted=tuple(preempted))
-
-    def _schedule(
-        self, request: Request, num_new: int, cached: list[int] | None = None
-    ) -> ScheduledSequence:
-        start = request.num_computed_tokens
-        table = self.blocks.allocate(request.request_id, start + num_new, cached or ())
-        samples = start + num_new == request.num_tokens
-        return ScheduledSequence(request, start, num_new, tuple(table), samples)
 
     def _find_cached(self, request: Request) -> list[int]:
         """The cached blocks a waiting request (which holds none) can start from."""
@@ -179,16 +183,18 @@ class Scheduler:
         """Advance the requests of `batch`; `sampled_token_ids` has one entry per sampling sequence."""
         updates = []
         sample_index = 0
-        for seq in batch.sequences:
-            request = seq.request
-            request.num_computed_tokens = seq.start + seq.num_new_tokens
-            if request.cache_root is not None and self.blocks.enable_caching:
-                full = request.num_computed_tokens // self.blocks.block_size
-                hashes = self._block_hashes(request, full)
-                self.blocks.cache_blocks(
-                    request.request_id, request.cache_root, hashes, full
-                )
-            if not seq.samples:
+        blocks = self.blocks
+        caching, block_size = blocks.enable_caching, blocks.block_size
+        for request, start, num_new, _, samples in batch.sequences:
+            computed = request.num_computed_tokens = start + num_new
+            if caching and request.cache_root is not None:
+                full = computed // block_size
+                if full > blocks.num_indexed(request.request_id):  # a block was filled
+                    hashes = self._block_hashes(request, full)
+                    blocks.cache_blocks(
+                        request.request_id, request.cache_root, hashes, full
+                    )
+            if not samples:
                 continue
             token = sampled_token_ids[sample_index]
             request.output_token_ids.append(token)
