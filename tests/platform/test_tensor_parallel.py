@@ -31,6 +31,8 @@ from loraplex.platform.parallel import (
     shard_spec,
 )
 from loraplex.platform.tp_wire import (
+    BatchReceiver,
+    BatchSender,
     pack_adapter,
     pack_batch,
     unpack_adapter,
@@ -238,3 +240,40 @@ def test_a_step_survives_the_wire(llama):
         )
         assert got.token_ids == want.token_ids
         assert got.request.slot == want.request.slot
+
+
+def test_block_tables_travel_as_they_change(llama):
+    """Step after step, a worker rebuilds every batch from what changed: tables that grow, a
+    request preempted and recomputed, one aborted; a steady decode step sends no block id."""
+    model_dir, _, _ = llama
+    engine = make_engine(model_dir, 1, max_loras=0, num_kv_blocks=24, max_model_len=64)
+    for i, n in enumerate((9, 3, 30, 5)):
+        engine.add_request(f"r{i}", list(range(1, n + 1)), greedy(12), None)
+    sender, receiver = BatchSender(), BatchReceiver()
+    scheduler = engine.scheduler
+    steady = sent_blocks = whole_blocks = 0
+    for step in range(40):
+        if step == 6:
+            assert scheduler.preempt("r1")  # recomputed later, with new blocks
+        if step == 9:
+            engine.abort("r0")
+        batch = scheduler.schedule()
+        if batch.is_empty:
+            break
+        packed = sender.pack(batch)
+        back = receiver.unpack(packed)
+        for got, want in zip(back.sequences, batch.sequences, strict=True):
+            assert (got.start, got.num_new_tokens, got.block_ids, got.samples) == (
+                want.start,
+                want.num_new_tokens,
+                want.block_ids,
+                want.samples,
+            )
+            assert got.token_ids == want.token_ids
+        headers_and_tokens = sum(7 + seq.num_new_tokens for seq in batch.sequences)
+        sent_blocks += packed.numel() - 1 - headers_and_tokens
+        whole_blocks += sum(len(seq.block_ids) for seq in batch.sequences)
+        steady += packed.numel() == 1 + headers_and_tokens
+        scheduler.update(batch, [7] * len(batch.sampling_sequences))
+    assert steady > 0 and sent_blocks < whole_blocks / 3
+    assert engine.scheduler.num_preemptions >= 1

@@ -28,7 +28,7 @@ from .engine_dir import open_engine_dir
 from .engine_shard import build_shard
 from .lora_slots import LoraWeights, shard_lora_weights
 from .parallel import TensorParallel, join, leave
-from .tp_wire import pack_adapter, pack_batch, unpack_adapter, unpack_batch
+from .tp_wire import BatchReceiver, BatchSender, pack_adapter, unpack_adapter
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class TensorParallelWorkers:
         self.spec = spec
         self.failure: str | None = None
         self._stopping = False
+        self._steps = BatchSender()  # what the workers hold of each request's blocks
         self._watchdog = threading.Thread(
             target=self._watch, name="loraplex-tp-watchdog", daemon=True
         )
@@ -108,7 +109,7 @@ class TensorParallelWorkers:
 
     def send_step(self, batch: ScheduledBatch) -> None:
         """Tell every worker to run `batch` (rank 0 runs it right after)."""
-        payload = pack_batch(batch)
+        payload = self._steps.pack(batch)
         self._command(_STEP, payload.numel())
         dist.broadcast(payload, src=0, group=self.tp.control)
 
@@ -210,13 +211,14 @@ def run_worker(args: WorkerArgs) -> None:
 
 def _serve(shard, tp: TensorParallel) -> None:
     header = torch.zeros(2, dtype=torch.int64)
+    steps = BatchReceiver()
     while True:
         dist.broadcast(header, src=0, group=tp.control)
         command, argument = header.tolist()
         if command == _STEP:
             payload = torch.empty(argument, dtype=torch.int64)
             dist.broadcast(payload, src=0, group=tp.control)
-            shard.runner.forward(unpack_batch(payload))
+            shard.runner.forward(steps.unpack(payload))
         elif command == _LOAD:
             shard.lora_slots.write_shard(argument, _receive_adapter(tp))
         elif command == _CLEAR:
