@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from loraplex.kernels.sgmv import LoraSegmentBuffers
@@ -76,14 +77,32 @@ class DecodeGraphs:
         self._arange64 = torch.arange(b + 1, dtype=torch.int64, device=device)
         self._arange32 = self._arange64.to(torch.int32)
         self._copied = torch.cuda.Event() if pinned else None
-        self._row_tables: list[tuple[int, ...] | None] = [
-            None
-        ] * b  # what each row holds
+        # numpy views of the staging buffers: filled with vectorized writes, not torch.tensor
+        host64, host32 = self._host64.numpy(), self._host32.numpy()
+        self._input_ids, self._positions, self._rows = host64.reshape(3, b)
+        self._seq_lens = host32[:b]
+        self._tables = host32[b:].reshape(b, max_blocks_per_seq)
+        self._row_index = np.arange(b)
+        # What each block-table row holds now (the tuple last written there).
+        self._row_tables: list[tuple[int, ...] | None] = [None] * b
+        # Per bucket: the bucket a batch of n sequences replays in, and the staging → device
+        # copies of its int32 part (the block-table rows it reads), as fixed views.
+        self._bucket_of = [
+            next(x for x in self.buckets if x >= n) for n in range(b + 1)
+        ]
+        self._copies32 = {
+            x: (
+                self._dev32[: b + x * max_blocks_per_seq],
+                self._host32[: b + x * max_blocks_per_seq],
+            )
+            for x in self.buckets
+        }
         self.lora_buffers = (
             LoraSegmentBuffers.make(b, max_loras, device, _DECODE_TILE_TOKENS)
             if max_loras > 0
             else None
         )
+        self._lora_slots: list[int] | None = None  # what the LoRA buffers hold now
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]]
         self._graphs = {}
         self.num_replays = 0
@@ -93,11 +112,11 @@ class DecodeGraphs:
     def bucket_for(self, batch: ScheduledBatch) -> int | None:
         """The bucket a decode-only batch replays in, or None when it must run eagerly."""
         seqs = batch.sequences
-        if len(seqs) > self.max_batch or any(
-            s.num_new_tokens != 1 or not s.samples for s in seqs
+        if len(seqs) > self.max_batch or not all(
+            s.num_new_tokens == 1 and s.samples for s in seqs
         ):
             return None
-        return next(b for b in self.buckets if b >= len(seqs))
+        return self._bucket_of[len(seqs)]
 
     def run(self, batch: ScheduledBatch, bucket: int) -> torch.Tensor:
         """Logits [num_seqs, vocab] float32 of a decode-only batch, through its bucket's graph."""
@@ -113,50 +132,58 @@ class DecodeGraphs:
     def _fill(self, batch: ScheduledBatch, bucket: int) -> bool:
         """Copy the step's ints into the static buffers, padded to `bucket`; True if LoRA runs.
 
-        Only the block ids each sequence holds are written: the kernels read a row of the block
-        table no further than its sequence's length, so stale ids past it (and whole rows of
-        padding, whose length is 0) are never read.
+        One pass over the sequences gathers what only they know (position, input token, slot);
+        everything derived from it (KV-cache rows, lengths, padding) is vectorized in numpy over
+        the staging buffers. Only the block-table rows that changed are written: a row changes
+        when its sequence gets a block (every block_size steps) or another sequence takes the
+        row, so a steady decode writes a few rows a step. Stale ids past a row's blocks (and
+        whole rows of padding, whose length is 0) are never read: the kernels read a row no
+        further than its sequence's length. The LoRA segment metadata is rebuilt only when the
+        rows' adapter slots change (the device buffers keep what the last fill wrote).
         """
         seqs = batch.sequences
-        n, b, width = len(seqs), self.max_batch, self.max_blocks_per_seq
-        block_size = self.kv_cache.block_size
+        n = len(seqs)
         positions = [seq.start for seq in seqs]
-        input_ids = [
-            seq.request.token_ids(p, p + 1)[0]
-            for seq, p in zip(seqs, positions, strict=True)
-        ]
-        rows = [
-            seq.block_ids[p // block_size] * block_size + p % block_size
-            for seq, p in zip(seqs, positions, strict=True)
-        ]
-        token_slots = [-1 if s.request.slot is None else s.request.slot for s in seqs]
-        pad = b - n
+        input_ids = [seq.request.token_at(seq.start) for seq in seqs]
+        slots = [seq.request.slot for seq in seqs]
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's copy has left the staging buffers
-        self._host64.copy_(
-            torch.tensor(
-                [*input_ids, *[0] * pad, *positions, *[0] * pad, *rows, *[-1] * pad],
-                dtype=torch.int64,
-            )
-        )
-        self._host32[:b] = torch.tensor([p + 1 for p in positions] + [0] * pad)
-        tables = self._host32[b:].view(b, width)
-        for row, seq in enumerate(seqs):
-            # A row changes when its sequence gets a block (every block_size steps) or another
-            # sequence takes the row: in a steady decode a few rows a step, not all of them.
-            if self._row_tables[row] != seq.block_ids:
-                ids = seq.block_ids
-                tables[row, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
-                self._row_tables[row] = ids
-        used32 = b + bucket * width
+        self._write_tables(seqs)
+        block_size = self.kv_cache.block_size
+        self._input_ids[:n] = input_ids
+        self._input_ids[n:] = 0
+        pos = self._positions
+        pos[:n] = positions
+        pos[n:] = 0
+        held = self._tables[self._row_index[:n], pos[:n] // block_size]
+        self._rows[:n] = held * block_size + pos[:n] % block_size
+        self._rows[n:] = -1  # padding rows write nothing to the KV cache
+        self._seq_lens[:n] = pos[:n] + 1
+        self._seq_lens[n:] = 0
+        dev32, host32 = self._copies32[bucket]
         self._dev64.copy_(self._host64, non_blocking=True)
-        self._dev32[:used32].copy_(self._host32[:used32], non_blocking=True)
-        use_lora = self.lora_buffers is not None and any(s >= 0 for s in token_slots)
+        dev32.copy_(host32, non_blocking=True)
+        use_lora = self.lora_buffers is not None and any(s is not None for s in slots)
         if use_lora:
-            self.lora_buffers.fill(token_slots + [-1] * (bucket - n))
+            token_slots = [-1 if s is None else s for s in slots]
+            token_slots += [-1] * (bucket - n)
+            if token_slots != self._lora_slots:
+                self.lora_buffers.fill(token_slots)
+                self._lora_slots = token_slots
         if self._copied is not None:
             self._copied.record()
         return use_lora
+
+    def _write_tables(self, seqs) -> None:
+        """Write the block-table rows whose sequence's blocks changed since the last fill."""
+        row_tables, tables = self._row_tables, self._tables
+        for row, seq in enumerate(seqs):
+            ids, held = seq.block_ids, row_tables[row]
+            # The scheduler hands the same tuple while a table is unchanged: `is` decides at
+            # once; tables rebuilt elsewhere (a tensor-parallel worker's) compare by value.
+            if ids is not held and ids != held:
+                tables[row, : len(ids)] = ids
+                row_tables[row] = ids
 
     def _inputs(self, bucket: int, use_lora: bool) -> ForwardInputs:
         """ForwardInputs of `bucket` rows as views of the static buffers (fixed addresses)."""
@@ -203,6 +230,7 @@ class DecodeGraphs:
 
     def _fill_padding(self, bucket: int, use_lora: bool) -> None:
         self._row_tables = [None] * self.max_batch  # the host copy no longer matches
+        self._lora_slots = None
         self._dev64.zero_()
         self._dev64[2 * self.max_batch :].fill_(-1)
         self._dev32.zero_()
