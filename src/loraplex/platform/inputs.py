@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from loraplex.kernels.sgmv import LoraSegments, build_segments
@@ -40,59 +41,56 @@ class ForwardInputs:
 def prepare_inputs(
     batch: ScheduledBatch, block_size: int, device: torch.device, lora_enabled: bool
 ) -> ForwardInputs:
-    """Lay the batch out flat, sequence after sequence, in the scheduler's order."""
-    input_ids: list[int] = []
-    positions: list[int] = []
-    slot_mapping: list[int] = []
-    starts = [0]
-    seq_lens: list[int] = []
-    logits_indices: list[int] = []
-    token_slots: list[int] = []
-    max_blocks = max(len(seq.block_ids) for seq in batch.sequences)
-    tables: list[int] = []
-    for seq in batch.sequences:
-        input_ids.extend(seq.token_ids)
-        span = range(seq.start, seq.start + seq.num_new_tokens)
-        positions.extend(span)
-        slot_mapping.extend(
-            seq.block_ids[p // block_size] * block_size + p % block_size for p in span
-        )
-        starts.append(starts[-1] + seq.num_new_tokens)
-        seq_lens.append(seq.start + seq.num_new_tokens)
-        if seq.samples:
-            logits_indices.append(starts[-1] - 1)
-        slot = seq.request.slot
-        token_slots.extend([-1 if slot is None else slot] * seq.num_new_tokens)
-        tables.extend(seq.block_ids)
-        tables.extend([0] * (max_blocks - len(seq.block_ids)))
+    """Lay the batch out flat, sequence after sequence, in the scheduler's order.
 
-    host = torch.tensor(
-        [
-            *input_ids,
-            *positions,
-            *slot_mapping,
-            *logits_indices,
-            *tables,
-            *starts,
-            *seq_lens,
-        ],
-        dtype=torch.int64,
+    One pass over the sequences gathers their host ints; per-token columns (positions, KV-cache
+    rows, slots) are then derived with numpy, not built token by token in Python.
+    """
+    seqs = batch.sequences
+    num_seqs = len(seqs)
+    max_blocks = max(len(seq.block_ids) for seq in seqs)
+    padding = (0,) * max_blocks
+    tables = np.array(  # [num_seqs, max_blocks], padded with 0
+        [seq.block_ids + padding[len(seq.block_ids) :] for seq in seqs], dtype=np.int64
     )
+    starts, counts, samples, slots = np.array(
+        [
+            (seq.start, seq.num_new_tokens, seq.samples, _slot(seq.request.slot))
+            for seq in seqs
+        ],
+        dtype=np.int64,
+    ).T
+    input_ids = np.fromiter(
+        itertools.chain.from_iterable(seq.token_ids for seq in seqs), dtype=np.int64
+    )
+    ends = np.cumsum(counts)  # one past each sequence's last token in the batch
+    owner = np.repeat(np.arange(num_seqs), counts)  # the sequence of each token
+    positions = np.arange(len(input_ids)) + (starts - ends + counts)[owner]
+    block_index, offset = np.divmod(positions, block_size)
+    slot_mapping = tables[owner, block_index] * block_size + offset
+    logits_indices = ends[samples.astype(bool)] - 1
+    seq_lens = starts + counts
+    host = np.concatenate(
+        [
+            input_ids,
+            positions,
+            slot_mapping,
+            logits_indices,
+            tables.reshape(-1),
+            [0],
+            ends,
+            seq_lens,
+        ]
+    )
+    packed = torch.from_numpy(host)
     if device.type == "cuda":
-        host = host.pin_memory()
-    packed = host.to(device, non_blocking=True)
-    t, s, n = len(input_ids), len(seq_lens), len(logits_indices)
-    cuts = [
-        0,
-        t,
-        2 * t,
-        3 * t,
-        3 * t + n,
-        3 * t + n + s * max_blocks,
-        3 * t + n + s * max_blocks + s + 1,
-    ]
+        packed = packed.pin_memory()
+    packed = packed.to(device, non_blocking=True)
+    t, s, n = len(input_ids), num_seqs, len(logits_indices)
+    cuts = list(itertools.accumulate((0, t, t, t, n, s * max_blocks, s + 1)))
     part = [packed[a:b] for a, b in itertools.pairwise(cuts)]
     tail = packed[cuts[-1] :]
+    token_slots = np.repeat(slots, counts).tolist()
     return ForwardInputs(
         input_ids=part[0],
         positions=part[1],
@@ -102,6 +100,10 @@ def prepare_inputs(
         query_start_loc=part[5].to(torch.int32),
         seq_lens=tail.to(torch.int32),
         lora=build_segments(token_slots, device) if lora_enabled else None,
-        max_query_len=max(seq.num_new_tokens for seq in batch.sequences),
-        max_seq_len=max(seq_lens),
+        max_query_len=int(counts.max()),
+        max_seq_len=int(seq_lens.max()),
     )
+
+
+def _slot(slot: int | None) -> int:
+    return -1 if slot is None else slot
