@@ -63,11 +63,14 @@ def prepare_inputs(
     input_ids = np.fromiter(
         itertools.chain.from_iterable(seq.token_ids for seq in seqs), dtype=np.int64
     )
-    ends = np.cumsum(counts)  # one past each sequence's last token in the batch
-    owner = np.repeat(np.arange(num_seqs), counts)  # the sequence of each token
+    # Array methods rather than np.* functions: these arrays are small, and the functions'
+    # dispatch costs more than the work.
+    ends = counts.cumsum()  # one past each sequence's last token in the batch
+    owner = np.arange(num_seqs).repeat(counts)  # the sequence of each token
     positions = np.arange(len(input_ids)) + (starts - ends + counts)[owner]
-    block_index, offset = np.divmod(positions, block_size)
-    slot_mapping = tables[owner, block_index] * block_size + offset
+    slot_mapping = (
+        tables[owner, positions // block_size] * block_size + positions % block_size
+    )
     logits_indices = ends[samples.astype(bool)] - 1
     seq_lens = starts + counts
     host = np.concatenate(
@@ -90,7 +93,7 @@ def prepare_inputs(
     cuts = list(itertools.accumulate((0, t, t, t, n, s * max_blocks, s + 1)))
     part = [packed[a:b] for a, b in itertools.pairwise(cuts)]
     tail = packed[cuts[-1] :]
-    token_slots = np.repeat(slots, counts).tolist()
+    token_slots = slots.repeat(counts).tolist()
     return ForwardInputs(
         input_ids=part[0],
         positions=part[1],
@@ -100,8 +103,8 @@ def prepare_inputs(
         query_start_loc=part[5].to(torch.int32),
         seq_lens=tail.to(torch.int32),
         lora=build_segments(token_slots, device) if lora_enabled else None,
-        max_query_len=int(counts.max()),
-        max_seq_len=int(seq_lens.max()),
+        max_query_len=max(counts.tolist()),
+        max_seq_len=max(seq_lens.tolist()),
     )
 
 
