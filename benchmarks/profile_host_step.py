@@ -15,8 +15,8 @@ For each batch size B (decode-only, prompts of 512 tokens, greedy, EOS ignored) 
 distinct adapters D, it brings B requests to steady decode, then records `--steps` steps per
 round, each phase timed by wrapping the method the step calls. Beside the step it times, on the
 same batches: the eager path's `prepare_inputs` (what a decode batch beyond the largest bucket
-pays), and what tensor parallelism adds: rank 0's `tp_wire.pack_batch`, and on a worker rank
-`unpack_batch` then `bucket_for` + `_fill` of its own graphs. Each number is the median over a
+pays), and what tensor parallelism adds: rank 0's packing of the step (`tp_wire`), and on a
+worker rank its unpacking then `bucket_for` + `_fill` of its own graphs. Each number is the median over a
 round's steps; the table shows the median over rounds. Writes
 OUT/host-step-cpu-<date>.json.
 """
@@ -44,6 +44,11 @@ from loraplex.platform.cuda_graphs import DecodeGraphs, default_buckets
 from loraplex.platform.inputs import prepare_inputs
 from loraplex.platform.tp_wire import pack_batch, unpack_batch
 from provenance import git_commit
+
+try:  # the stateful wire (block tables sent as they change) that the engine uses
+    from loraplex.platform.tp_wire import BatchReceiver, BatchSender
+except ImportError:  # before it: every step sent whole
+    BatchSender = BatchReceiver = None
 
 # (phase, object attribute of the engine, method): what Engine.step calls, in order.
 # bucket_for and _fill run inside runner.forward; "replay" is forward minus those two.
@@ -246,16 +251,20 @@ def side_phases(engine: Engine, batches: list) -> dict[str, list[float]]:
     """The eager path's prepare_inputs, and TP's pack, unpack and worker fill, per batch."""
     worker = free_graphs(engine)  # a worker rank's own buffers
     lora = engine.runner.lora_enabled
+    if BatchSender is not None:
+        pack, unpack = BatchSender().pack, BatchReceiver().unpack
+    else:
+        pack, unpack = pack_batch, unpack_batch
     clock, out = time.perf_counter_ns, defaultdict(list)
     for batch in batches:
         start = clock()
         prepare_inputs(batch, engine.config.block_size, engine.device, lora)
         out["prepare_inputs"].append((clock() - start) / 1e3)
         start = clock()
-        packed = pack_batch(batch)
+        packed = pack(batch)
         out["tp_pack"].append((clock() - start) / 1e3)
         start = clock()
-        received = unpack_batch(packed.clone())
+        received = unpack(packed.clone())
         out["tp_unpack"].append((clock() - start) / 1e3)
         start = clock()
         worker._fill(received, worker.bucket_for(received))
