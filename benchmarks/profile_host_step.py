@@ -14,11 +14,11 @@ scheduler update, detokenizer) and nothing else. The sampler's torch ops run on 
 For each batch size B (decode-only, prompts of 512 tokens, greedy, EOS ignored) and number of
 distinct adapters D, it brings B requests to steady decode, then records `--steps` steps per
 round, each phase timed by wrapping the method the step calls. Beside the step it times, on the
-same batches: the eager path's `prepare_inputs` (what a decode batch beyond the largest bucket
-pays), and what tensor parallelism adds: rank 0's packing of the step (`tp_wire`), and on a
-worker rank its unpacking then `bucket_for` + `_fill` of its own graphs. Each number is the median over a
-round's steps; the table shows the median over rounds. Writes
-OUT/host-step-cpu-<date>.json.
+same batches: the eager path's `prepare_inputs` (what the same batch costs with enforce_eager,
+or as the decodes of a mixed step), and what tensor parallelism adds: rank 0's packing of the
+step (`tp_wire`), and on a worker rank its unpacking then `bucket_for` + `_fill` of its own
+graphs. Each number is the median over a round's steps; the table shows the median over rounds.
+Writes OUT/host-step-cpu-<date>[-TAG].json.
 """
 
 from __future__ import annotations
