@@ -90,15 +90,18 @@ class OutputProcessor:
         self, updates: list[RequestUpdate], logprobs: list[TokenLogprobs | None]
     ) -> list[RequestOutput]:
         outputs = []
-        detokenizers = self.detokenizers
+        tokenizer, detokenizers = self.tokenizer, self.detokenizers
         for request, token, reason, sample_index in updates:
             text = ""
             detok = detokenizers.get(request.request_id)
             if detok is not None and token is not None:
-                text, stopped = detok.step(token)
-                if stopped and reason is None:
-                    reason = FinishReason.STOP
-                    self.scheduler.finish(request, reason)
+                if not detok.stop:  # detok.step's first branch, inlined: B calls a step
+                    text = detok.stream.step(tokenizer, token) or ""
+                else:
+                    text, stopped = detok.step(token)
+                    if stopped and reason is None:
+                        reason = FinishReason.STOP
+                        self.scheduler.finish(request, reason)
             row = logprobs[sample_index] if sample_index is not None else None
             outputs.append(self._output(request, token, text, reason, row))
         return outputs
