@@ -277,3 +277,17 @@ def test_block_tables_travel_as_they_change(llama):
         scheduler.update(batch, [7] * len(batch.sampling_sequences))
     assert steady > 0 and sent_blocks < whole_blocks / 3
     assert engine.scheduler.num_preemptions >= 1
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "mistral", "qwen2", "llama3.1"])
+def test_every_family_splits_over_two_ranks(tiny_models, arch):
+    """Per-head q/k norms (Qwen3), sliding windows (Mistral), q/k/v biases with a tied head
+    (Qwen2), Llama-3 rope scaling: 2 ranks give the greedy tokens of 1."""
+    gen = torch.Generator().manual_seed(21)
+    requests = [
+        (f"r{i}", torch.randint(0, 256, (n,), generator=gen).tolist(), None)
+        for i, n in enumerate((23, 4, 15))
+    ]
+    one, _ = run_mixed(tiny_models[arch], {}, 1, requests, max_loras=0)
+    two, _ = run_mixed(tiny_models[arch], {}, 2, requests, max_loras=0)
+    assert two == one
