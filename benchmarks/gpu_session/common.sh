@@ -1,0 +1,12 @@
+# Sourced by every call script: wheels the GPU host lacks, paths, and what the machine is.
+# Usage from the repository root on the device: LORAPLEX_COMMIT=<sha> bash benchmarks/gpu_session/<call>.sh
+# (carry .whl, built by ../shared/device/wheels.sh pydantic-settings python-dotenv).
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl >/dev/null 2>&1 || echo "WHEEL INSTALL FAILED"
+export PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests:$PYTHONPATH
+export TOKENIZERS_PARALLELISM=false
+: "${LORAPLEX_COMMIT:?set LORAPLEX_COMMIT to the commit sent (the host's .git is stale)}"
+: "${OUT:?the device tool sets OUT}"
+echo "commit $LORAPLEX_COMMIT; NCCL_NVLS_ENABLE=$NCCL_NVLS_ENABLE"
+nvidia-smi -L
+NG=$(nvidia-smi -L | wc -l)
