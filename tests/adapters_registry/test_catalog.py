@@ -40,9 +40,40 @@ def test_migrations_use_wal_a_busy_timeout_and_apply_once(tmp_path, catalog):
     assert [m.name for m in MIGRATIONS.applied(again.db)] == [
         "m001_tenants_keys_adapters_events",
         "m002_tenant_deletion",
+        "m003_adapter_ids_never_reused",
     ]
     assert {"tenants", "api_keys", "adapters", "events"} <= set(again.db.table_names())
     again.close()
+
+
+def test_m003_keeps_every_row_and_starts_ids_past_any_logged_one():
+    """A registry of before m003: its rows survive the table rebuild, and new ids start past
+    the largest id the adapters table or the event log ever held."""
+    import sqlite3
+
+    from sqlite_utils import Database
+
+    from loraplex.adapters_registry import migrations
+
+    db = Database(sqlite3.connect(":memory:"))
+    migrations.m001_tenants_keys_adapters_events(db)
+    migrations.m002_tenant_deletion(db)
+    db.execute("INSERT INTO tenants (id, name, created_at) VALUES ('t', 'acme', 0)")
+    for i, name in ((3, "a"), (5, "b")):
+        db.execute(
+            "INSERT INTO adapters (id, tenant_id, name, version, state, upload_id, "
+            "created_at, updated_at) VALUES (?, 't', ?, 1, 'ready', ?, 0, 0)",
+            [i, name, f"u{i}"],
+        )
+    db.execute("INSERT INTO events (at, kind, adapter_id) VALUES (0, 'deleted', 9)")
+    migrations.m003_adapter_ids_never_reused(db)
+    rows = db.execute("SELECT id, name FROM adapters ORDER BY id").fetchall()
+    assert rows == [(3, "a"), (5, "b")]
+    db.execute(
+        "INSERT INTO adapters (tenant_id, name, version, state, upload_id, created_at, "
+        "updated_at) VALUES ('t', 'c', 1, 'uploading', 'u-new', 0, 0)"
+    )
+    assert db.execute("SELECT id FROM adapters WHERE name = 'c'").fetchone() == (10,)
 
 
 def test_tenants_have_unique_valid_names(tenants):

@@ -121,6 +121,17 @@ def test_delete_keeps_files_another_row_shares(registry, tenant, good):
     assert registry.catalog.list_adapters(tenant.id) == []
 
 
+def test_an_adapter_id_is_never_given_again(registry, tenant, good):
+    """The newest row removed, a new upload still gets a new id: ids are keys of the pool and
+    of concurrent collects, so a reused one could name another adapter."""
+    registry.ingest(tenant.id, "a", good.parts())
+    b = registry.ingest(tenant.id, "b", good.parts())
+    registry.delete(tenant.id, "b")
+    assert registry.collect(lambda _: False) == [b.id]
+    c = registry.ingest(tenant.id, "c", good.parts())
+    assert c.id > b.id
+
+
 def test_a_flipped_byte_is_refused_on_the_next_load_and_marked_corrupt(
     registry, tenant, good
 ):
