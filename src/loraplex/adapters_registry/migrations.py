@@ -127,7 +127,9 @@ def m003_adapter_ids_never_reused(db: Database) -> None:
     db.execute("CREATE INDEX adapters_by_state ON adapters(state)")
     # Ids of adapters removed before this migration live on in the event log: start past them
     # (one row per table in sqlite_sequence; the copy above may have written one).
-    db.execute("DELETE FROM sqlite_sequence WHERE name IN ('adapters', 'adapters_m003')")
+    db.execute(
+        "DELETE FROM sqlite_sequence WHERE name IN ('adapters', 'adapters_m003')"
+    )
     db.execute(
         "INSERT INTO sqlite_sequence (name, seq) SELECT 'adapters', "
         "MAX(COALESCE((SELECT MAX(id) FROM adapters), 0), "
