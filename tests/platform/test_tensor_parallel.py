@@ -291,3 +291,23 @@ def test_every_family_splits_over_two_ranks(tiny_models, arch):
     one, _ = run_mixed(tiny_models[arch], {}, 1, requests, max_loras=0)
     two, _ = run_mixed(tiny_models[arch], {}, 2, requests, max_loras=0)
     assert two == one
+
+
+def test_cached_prefix_blocks_hold_every_ranks_keys(llama):
+    """A prompt that reuses a cached prefix reads the KV blocks each rank wrote for the first
+    one: 2 ranks give the tokens of 1, with prefix-cache hits."""
+    model_dir = llama[0]
+    prefix = list(range(7, 39))  # 32 tokens: 8 full blocks of 4
+    runs = {}
+    for size in (1, 2):
+        engine = make_engine(model_dir, size, max_loras=0)
+        try:
+            first = run_to_completion(engine, {"a": (prefix + [3, 1], greedy(6), None)})
+            second = run_to_completion(
+                engine, {"b": (prefix + [9, 2], greedy(6), None)}
+            )
+            runs[size] = (first, second, engine.stats().prefix_cache_hits)
+        finally:
+            engine.close()
+    assert runs[2][:2] == runs[1][:2]
+    assert runs[2][2] >= 32 and runs[1][2] >= 32
