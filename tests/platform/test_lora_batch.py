@@ -25,10 +25,8 @@ ADAPTERS = {  # three ranks, three target sets, rsLoRA, and per-module rank/alph
 }
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_models, tmp_path_factory):
-    model_dir = tiny_models["llama2"]
-    root = tmp_path_factory.mktemp("adapters")
+def adapters_with_peft(model_dir, root):
+    """ADAPTERS saved under `root` for the checkpoint, and transformers + PEFT holding them all."""
     dirs = {}
     for i, (name, spec) in enumerate(ADAPTERS.items()):
         options = {k: v for k, v in spec.items() if k not in ("rank", "targets")}
@@ -48,6 +46,15 @@ def setup(tiny_models, tmp_path_factory):
     for name in names[1:]:
         peft_model.load_adapter(dirs[name], adapter_name=name)
     peft_model.eval()
+    return dirs, peft_model
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_models, tmp_path_factory):
+    model_dir = tiny_models["llama2"]
+    dirs, peft_model = adapters_with_peft(
+        model_dir, tmp_path_factory.mktemp("adapters")
+    )
     return model_dir, dirs, peft_model
 
 

@@ -12,7 +12,12 @@ import time
 import pytest
 import torch
 from engine_utils import greedy, run_to_completion
-from test_lora_batch import ADAPTERS, expected_tokens, requests_over_adapters
+from test_lora_batch import (
+    ADAPTERS,
+    adapters_with_peft,
+    expected_tokens,
+    requests_over_adapters,
+)
 
 from checkpoints import save_random_adapter, save_tiny_model
 from loraplex.adapters_registry import load_adapter_dir
@@ -74,30 +79,9 @@ def run_mixed(model_dir, dirs, world_size, requests, **options):
 @pytest.fixture(scope="module")
 def llama(tiny_models, tmp_path_factory):
     """The tiny Llama with three adapters of mixed ranks and targets, and PEFT over them."""
-    import transformers
-    from peft import PeftModel
-
     model_dir = tiny_models["llama2"]
-    root = tmp_path_factory.mktemp("tp-adapters")
-    dirs = {}
-    for i, (name, spec) in enumerate(ADAPTERS.items()):
-        options = {k: v for k, v in spec.items() if k not in ("rank", "targets")}
-        dirs[name] = save_random_adapter(
-            model_dir,
-            root / name,
-            spec["rank"],
-            spec["targets"],
-            seed=10 + i,
-            **options,
-        )
-    base = transformers.AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32
-    )
-    names = list(dirs)
-    peft_model = PeftModel.from_pretrained(base, dirs[names[0]], adapter_name=names[0])
-    for name in names[1:]:
-        peft_model.load_adapter(dirs[name], adapter_name=name)
-    return model_dir, dirs, peft_model.eval()
+    dirs, peft_model = adapters_with_peft(model_dir, tmp_path_factory.mktemp("tp"))
+    return model_dir, dirs, peft_model
 
 
 def test_two_ranks_give_the_tokens_of_one_and_of_peft(llama):
