@@ -51,7 +51,7 @@ from loraplex.loadgen import RequestSpec, adapter_names, popularity_weights, sum
 from loraplex.loadgen.client import request_body, send
 from loraplex.loadgen.workload import WeightedChoice
 from provenance import git_commit
-from serve_child import ServerProcess, card_name
+from serve_child import ServerProcess, card_name, serve_options
 from soak_probe import fds_settled, open_fds, proc_status
 from soak_traffic import Tally
 from soak_verdict import count_verdict, overall, verdict_table
@@ -87,20 +87,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.shapes = SMOKE if args.smoke else LLAMA_8B
     return args
-
-
-def serve_options(args) -> dict:
-    return {
-        "--max-loras": args.slots,
-        "--max-lora-rank": args.rank,
-        "--max-cpu-loras": args.cpu_loras,
-        "--max-num-seqs": args.seqs,
-        "--max-queued-requests": 4096,
-        "--max-model-len": args.prompt_len + args.output_len + 64,
-        "--max-concurrent-per-tenant": args.streams,
-        "--adapter-wait-timeout": 120,
-        "--shutdown-timeout": 5,
-    }
 
 
 class Streams:
@@ -275,7 +261,7 @@ def main(argv=None) -> int:
         )  # fmt: skip
         server = ServerProcess(
             model_dir, root / "data", root / "server-tmp",
-            args.out / "load_streams-server.log", serve_options(args), args.smoke,
+            args.out / "load_streams-server.log", serve_options(args, args.streams), args.smoke,
             shlex.split(args.serve_args),
         )  # fmt: skip
         print(f"server ready in {server.start_s:.0f} s (pid {server.pid})", flush=True)

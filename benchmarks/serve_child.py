@@ -191,3 +191,19 @@ class ServerProcess:
                 self.proc.wait(10)
         self.log.close()
         return self.proc.returncode
+
+
+def serve_options(args, per_tenant: int) -> dict:
+    """`loraplex serve` options of the soak and the stream test: the pool and batch from
+    `args`, a deep queue, and `per_tenant` calls in flight per tenant at most."""
+    return {
+        "--max-loras": args.slots,
+        "--max-lora-rank": args.rank,
+        "--max-cpu-loras": args.cpu_loras,
+        "--max-num-seqs": args.seqs,
+        "--max-queued-requests": 4096,
+        "--max-model-len": args.prompt_len + args.output_len + 64,
+        "--max-concurrent-per-tenant": per_tenant,
+        "--adapter-wait-timeout": 120,
+        "--shutdown-timeout": 5,
+    }

@@ -70,7 +70,7 @@ from loraplex.loadgen import (
 )
 from loraplex.loadgen.adapters import MODULES
 from provenance import git_commit
-from serve_child import ServerProcess, busy_gauges, card_name
+from serve_child import ServerProcess, busy_gauges, card_name, serve_options
 from soak_probe import GpuMemory, fds_settled, open_fds, sample_process
 from soak_traffic import Churn, LiveSet, Traffic
 from soak_verdict import count_verdict, overall, resource_verdicts, soak_table
@@ -129,20 +129,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.shapes = SMOKE if args.smoke else LLAMA_8B
     args.vocab_size = args.shapes["vocab_size"]
     return args
-
-
-def serve_options(args) -> dict:
-    return {
-        "--max-loras": args.slots,
-        "--max-lora-rank": args.rank,
-        "--max-cpu-loras": args.cpu_loras,
-        "--max-num-seqs": args.seqs,
-        "--max-queued-requests": 4096,
-        "--max-model-len": args.prompt_len + args.output_len + 64,
-        "--max-concurrent-per-tenant": 4096,
-        "--adapter-wait-timeout": 120,
-        "--shutdown-timeout": 5,
-    }
 
 
 def adapter_bytes(shapes: BaseShapes, rank: int) -> int:
@@ -337,7 +323,7 @@ def main(argv=None) -> int:
     )  # fmt: skip
     server = ServerProcess(
         model_dir, root / "data", root / "server-tmp", args.out / "soak-server.log",
-        serve_options(args), args.smoke, shlex.split(args.serve_args),
+        serve_options(args, 4096), args.smoke, shlex.split(args.serve_args),
     )  # fmt: skip
     print(f"server ready in {server.start_s:.0f} s (pid {server.pid})", flush=True)
     soak = Soak(args, server, reg.keys["soak"], model_dir)
