@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from engine_utils import greedy, hf_greedy, run_to_completion
+from engine_utils import hf_greedy, run_to_completion
 from peft import PeftModel
+from test_engine_gpu import plan as requests  # 8 requests over a4/a16/a8 and the base
 
 from checkpoints import save_random_adapter, save_tiny_model
 from loraplex.adapters_registry import load_adapter_dir
@@ -46,21 +47,6 @@ def setup(tmp_path_factory):
         for i, (name, (rank, targets)) in enumerate(specs.items())
     }
     return model, dirs
-
-
-def requests(slots, max_tokens):
-    gen = torch.Generator().manual_seed(5)
-    adapters = ["a4", None, "a16", "a8", "a16", "a4", None, "a8"]
-    lengths = [70, 5, 33, 129, 12, 48, 90, 3]
-    return {
-        f"r{i}": (
-            torch.randint(0, 301, (n,), generator=gen).tolist(),
-            greedy(max_tokens),
-            None if a is None else slots[a],
-            a,
-        )
-        for i, (a, n) in enumerate(zip(adapters, lengths, strict=True))
-    }
 
 
 def run(model, dirs, world_size, dtype="float32", **options):
