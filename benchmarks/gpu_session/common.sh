@@ -5,7 +5,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   --target /tmp/site .whl/*.whl >/dev/null 2>&1 || echo "WHEEL INSTALL FAILED"
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests:$PYTHONPATH
 export TOKENIZERS_PARALLELISM=false
-: "${LORAPLEX_COMMIT:?set LORAPLEX_COMMIT to the commit sent (the host's .git is stale)}"
+: "${LORAPLEX_COMMIT:?set LORAPLEX_COMMIT to the commit sent (the host .git is stale)}"
 : "${OUT:?the device tool sets OUT}"
 echo "commit $LORAPLEX_COMMIT; NCCL_NVLS_ENABLE=$NCCL_NVLS_ENABLE"
 nvidia-smi -L

@@ -184,16 +184,20 @@ def test_variant_without_a_config(variant):
     _check(p, *_expand(p, build_segments(p.token_slots), variant=variant))
 
 
-def test_decode_default_stays_per_block_and_configs_depend_on_host_ints():
+def test_decode_default_is_multi_block_and_configs_depend_on_host_ints():
     from loraplex.kernels.sgmv import expand
     from loraplex.kernels.sgmv.expand_blocks import ExpandBlocksConfig
 
     p = _problem(280, "distinct", torch.float16)
     decode = build_segments(p.token_slots, tile_tokens=16)
     prefill = build_segments([0] * 64, tile_tokens=64)
-    assert expand.DECODE_EXPAND_VARIANT == "per_block"
+    assert expand.DECODE_EXPAND_VARIANT == "multi_block"
     assert isinstance(
-        expand.expand_config_for(p.y, p.slice_offsets, decode), expand.ExpandConfig
+        expand.expand_config_for(p.y, p.slice_offsets, decode), ExpandBlocksConfig
+    )
+    assert isinstance(
+        expand.expand_config_for(p.y, p.slice_offsets, decode, "per_block"),
+        expand.ExpandConfig,
     )
     chosen = expand.expand_config_for(p.y, p.slice_offsets, decode, "multi_block")
     assert isinstance(chosen, ExpandBlocksConfig) and chosen.block_n == 128

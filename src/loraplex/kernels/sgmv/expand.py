@@ -34,10 +34,11 @@ from .expand_blocks import (
 from .segments import LoraSegments
 
 ExpandVariant = Literal["per_block", "multi_block"]
-# The decode expand `sgmv_expand` runs when neither a config nor a variant is given. The
-# per-block kernel stays the default until the multi-block one is measured faster on an H100
-# (`benchmarks/bench_sgmv.py` times both on the decode shapes in one run).
-DECODE_EXPAND_VARIANT: ExpandVariant = "per_block"
+# The decode expand `sgmv_expand` runs when neither a config nor a variant is given. On an H200
+# (2026-11-27, bench_sgmv --only expand_variants) the multi-block kernel took 0.53-0.88x the
+# per-block kernel's time on every decode shape (T = 1..256; o, qkv, gate_up, down), identical
+# outputs: benchmarks/results/bench_sgmv-h200-2026-11-27-expand-variants.json.
+DECODE_EXPAND_VARIANT: ExpandVariant = "multi_block"
 # Tiles of at most this many rows (BLOCK_M) are decode tiles.
 DECODE_BLOCK_M = 16
 
