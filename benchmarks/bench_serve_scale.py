@@ -58,6 +58,10 @@ COUNTERS = (
     "loraplex_admission_bypassed_total",
     "loraplex_rejections_total",
     "loraplex_adapter_pool_exhausted_total",
+    "loraplex_engine_steps_total",
+    "loraplex_engine_step_seconds_total",
+    "loraplex_engine_step_tokens_total",
+    "loraplex_engine_thread_seconds_total",
 )
 
 
@@ -186,16 +190,41 @@ def workload(args, adapters, popularity, rate, seed) -> WorkloadConfig:
 def measure(server: Server, configs: list[BenchConfig]) -> tuple[list[dict], dict]:
     """Run the configs at once; their summaries, and the server counters they moved."""
     before = server.counters()
+    started = time.perf_counter()
 
     async def both():
         return await asyncio.gather(*(arun(c) for c in configs))
 
     results = asyncio.run(both())
+    seconds = time.perf_counter() - started
     after = server.counters()
     moved = {
         k: after[k] - before.get(k, 0.0) for k in after if after[k] != before.get(k)
     }
+    print(step_brief(moved, seconds), flush=True)
+    moved["phase_seconds"] = seconds
     return [r.summary for r in results], moved
+
+
+def step_brief(moved: dict, seconds: float) -> str:
+    """Where the engine thread's time went in one phase: per kind of step its count, mean
+    wall ms and share of the phase; and the share spent handing outputs to the streams."""
+
+    def total(name: str, label: str) -> float:
+        return sum(v for k, v in moved.items() if k.startswith(name) and label in k)
+
+    parts = []
+    for kind in ("decode_graph", "decode_eager", "prefill"):
+        steps = total("loraplex_engine_steps_total", f"kind={kind}")
+        busy = total("loraplex_engine_step_seconds_total", f"kind={kind}")
+        if steps:
+            parts.append(
+                f"{kind} {steps:.0f} x {1e3 * busy / steps:.1f} ms"
+                f" ({100 * busy / seconds:.0f}%)"
+            )
+    dispatch = total("loraplex_engine_thread_seconds_total", "activity=dispatch")
+    parts.append(f"dispatch {100 * dispatch / seconds:.0f}%")
+    return "steps: " + ", ".join(parts)
 
 
 def brief(summary: dict) -> dict:
@@ -210,7 +239,8 @@ def brief(summary: dict) -> dict:
     }
 
 
-def run(args) -> dict:
+def run(args, save) -> dict:
+    """Every phase; `save(out)` is called after each, so a run cut short keeps its figures."""
     sizes = [int(n) for n in args.sizes.split(",")]
     root = Path(tempfile.mkdtemp(prefix="bench_serve_scale-"))
     model_dir = write_model_dir(root / "model", SMOKE if args.smoke else LLAMA_8B)
@@ -250,11 +280,14 @@ def run(args) -> dict:
             )
             out["scale"][n] = {"summary": summary, "server": moved}
             print(label, brief(summary), flush=True)
+            save(out)
         first, last = out["scale"][sizes[0]], out["scale"][sizes[-1]]
         base_rate = first["summary"]["request_throughput"]
         out["scale_drop"] = 1 - last["summary"]["request_throughput"] / base_rate
+        save(out)
         if "ttft" not in args.skip:
             out["ttft"] = cliff(args, server, reg, config, base_rate)
+            save(out)
         if "fairness" not in args.skip:
             out["fairness"] = fairness(args, server, reg, config, base_rate)
     finally:
@@ -338,9 +371,8 @@ def main() -> None:
     args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device, card = card_name()
-    out = run(args)
     date = datetime.date.today().isoformat()
-    out["meta"] = {
+    meta = {
         "device": device,
         "card": card,
         "date": date,
@@ -348,7 +380,12 @@ def main() -> None:
         "args": {k: str(v) for k, v in vars(args).items()},
     }
     path = args.out / f"bench_serve_scale-{card}-{date}.json"
-    path.write_text(json.dumps(out, indent=1, default=str))
+
+    def save(out: dict) -> None:
+        path.write_text(json.dumps({**out, "meta": meta}, indent=1, default=str))
+
+    out = run(args, save)
+    save(out)
     print(f"wrote {path}")
     print(table(out))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import httpx
@@ -188,8 +189,15 @@ def test_metrics_need_the_admin_key_and_count_requests(server, acme):
         'vllm:request_success_total{finished_reason="length",model_name="demo-base"}',
         'loraplex_tenant_requests_total{model="pirate",tenant="acme"}',
         "vllm:lora_requests_info{",
+        'loraplex_engine_thread_seconds_total{activity="dispatch",model_name="demo-base"}',
     ):
         assert series in text, series
+    # The completion above ran at least one prefill step of at least one token.
+    prefill = re.search(
+        r'loraplex_engine_step_tokens_total\{kind="prefill",model_name="demo-base"\} (\S+)',
+        text,
+    )
+    assert prefill and float(prefill.group(1)) >= 1
 
 
 def test_probes(server):

@@ -28,6 +28,11 @@ def test_smoke_run_writes_every_figure(tmp_path):
         assert run["summary"]["completed"] == 10 and run["summary"]["errors"] == {}
     six = out["scale"]["6"]["server"]  # 6 adapters through 4 slots: evictions
     assert six.get("loraplex_adapter_evictions_total{tier=device}", 0) > 0
+    # Every phase says where the engine thread's time went: 10 requests of prompts and
+    # decodes ran prefill and (eager, CPU) decode steps within the phase's wall time.
+    steps = [v for k, v in six.items() if k.startswith("loraplex_engine_steps_total")]
+    assert sum(steps) > 0 and six["phase_seconds"] > 0
+    assert "steps: " in done.stdout and "dispatch" in done.stdout
     assert out["ttft"]["p50_ttft_ratio"] > 0
     assert out["fairness"]["flood"]["steady"]["errors"] == {}
     assert out["meta"]["card"] == "cpu"

@@ -94,3 +94,26 @@ def test_a_failing_step_takes_the_thread_down_with_a_clear_error(engine):
     assert isinstance(thread.error, RuntimeError) and not thread.alive
     with pytest.raises(EngineDeadError, match="device fell off the bus"):
         thread.call(lambda e: None).result(timeout=1)
+
+
+def test_step_times_count_every_token_by_kind_and_the_thread_time(engine):
+    """Prompts of 5 and 9 tokens, 4 tokens each: 14 prompt tokens in prefill steps, then 3
+    decodes each in eager decode steps (no graphs on the CPU); the thread's time outside
+    steps is accounted too."""
+    thread = EngineThread(engine).start()
+    runs = [
+        collect(thread, rid, list(range(1, 1 + n)), greedy(4))
+        for rid, n in (("a", 5), ("b", 9))
+    ]
+    assert all(done.wait(30) for _, done in runs)
+    thread.call(lambda e: None).result(timeout=10)  # one more pass: the stats are fresh
+    stats = thread.stats()
+    thread.stop()
+    steps = stats.step_totals
+    assert steps["decode_graph"].steps == 0
+    assert steps["prefill"].steps >= 1 and steps["decode_eager"].steps >= 3
+    assert steps["prefill"].tokens + steps["decode_eager"].tokens == 14 + 2 * 3
+    assert steps["decode_eager"].tokens <= 6  # prefill steps may carry decodes too
+    assert all(t.seconds > 0 for t in steps.values() if t.steps)
+    assert sum(t.steps for t in steps.values()) == thread.steps
+    assert stats.thread_seconds["dispatch"] > 0 and stats.thread_seconds["calls"] > 0

@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 from loraplex.platform import EngineStats, RequestOutput
 
 from .admission_metrics import AdmissionCollector
+from .step_metrics import step_families
 
 _LATENCY_BUCKETS = (
     0.001,
@@ -88,6 +89,7 @@ class _EngineCollector(Collector):
             gauge.add_metric([self.model_name], value)
             yield gauge
         yield from _prefix_cache_families(self.model_name, stats)
+        yield from step_families(self.model_name, stats)
         info = GaugeMetricFamily(
             "vllm:lora_requests_info",
             "Adapters of running and waiting requests (value: scrape time).",

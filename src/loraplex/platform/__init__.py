@@ -10,9 +10,18 @@ from .outputs import RequestOutput
 from .prefix_cache import PrefixScope
 from .request import FinishReason, SamplingParams
 from .sampler import TokenLogprobs
+from .step_times import (
+    STEP_KINDS,
+    THREAD_ACTIVITIES,
+    StepTotals,
+    merge_seconds,
+    merge_steps,
+)
 
 __all__ = [
     "LORA_TARGETS",
+    "STEP_KINDS",
+    "THREAD_ACTIVITIES",
     "AdapterShapeError",
     "Engine",
     "EngineConfig",
@@ -30,5 +39,8 @@ __all__ = [
     "RequestOutput",
     "RopeSpec",
     "SamplingParams",
+    "StepTotals",
     "TokenLogprobs",
+    "merge_seconds",
+    "merge_steps",
 ]

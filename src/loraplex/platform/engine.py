@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from .prefix_cache import PrefixScope, cache_root, engine_identity
 from .request import FinishReason, Request, SamplingParams
 from .sampler import Sampler
 from .scheduler import Scheduler
+from .step_times import StepTimes, StepTotals
 from .tp_workers import TensorParallelWorkers, WorkerArgs, rank_device
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,10 @@ class EngineStats:
     prefix_cache_hits: int = 0  # of those, tokens served from cached KV blocks
     num_cached_kv_blocks: int = 0  # blocks indexed by prefix hash (referenced or not)
     num_evictable_kv_blocks: int = 0  # cached blocks no request references (LRU)
+    # Where the engine thread's time went since start (step_times.py): by kind of step, and
+    # outside steps by activity.
+    step_totals: dict[str, StepTotals] = field(default_factory=dict)
+    thread_seconds: dict[str, float] = field(default_factory=dict)
 
 
 class Engine:
@@ -119,6 +125,7 @@ class Engine:
         self.outputs = OutputProcessor(self.scheduler, tokenizer)
         self._requests: dict[str, Request] = {}
         self._aborted: list[RequestOutput] = []
+        self.step_times = StepTimes()
         self._seed_source = random.Random(config.seed)
         log.info(
             "engine ready: %s on %s (%s), %d KV blocks, %d LoRA slots of rank %d",
@@ -132,6 +139,7 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule → prepare inputs → forward → sample → update; returns what changed."""
+        started = time.perf_counter()
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return self._take_finished([])
@@ -140,7 +148,11 @@ class Engine:
         sampled = self.sampler.sample(logits, self.sampler.prepare(sampling_seqs))
         host = self.sampler.to_host(sampled, sampling_seqs)
         updates = self.scheduler.update(batch, host.tokens)
-        return self._take_finished(self.outputs.process(updates, host.logprobs))
+        outputs = self._take_finished(self.outputs.process(updates, host.logprobs))
+        self.step_times.record_step(
+            self.runner.last_step_kind, time.perf_counter() - started, batch.num_tokens
+        )
+        return outputs
 
     def add_request(
         self,
@@ -303,6 +315,8 @@ class Engine:
             prefix_cache_hits=self.scheduler.prefix_cache.hits,
             num_cached_kv_blocks=blocks.num_cached_blocks,
             num_evictable_kv_blocks=blocks.num_evictable_blocks,
+            step_totals=dict(self.step_times.steps),
+            thread_seconds=dict(self.step_times.thread_seconds),
         )
 
     def _take_finished(self, outputs: list[RequestOutput]) -> list[RequestOutput]:

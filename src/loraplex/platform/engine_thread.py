@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TypeVar
@@ -108,15 +109,25 @@ class EngineThread:
 
     def _run(self) -> None:
         try:
+            times = self.engine.step_times
             while not self._stopping.is_set():
+                started = time.perf_counter()
                 self._drain_inbox()
                 if not self.engine.has_unfinished_requests:
+                    waited = time.perf_counter()
                     self._wake.wait(self._idle_wait_s)
                     self._wake.clear()
+                    times.record_thread("calls", waited - started)
+                    times.record_thread("idle", time.perf_counter() - waited)
                     continue
-                self._dispatch(self.engine.step())
+                stepping = time.perf_counter()
+                times.record_thread("calls", stepping - started)
+                outputs = self.engine.step()
+                dispatching = time.perf_counter()
+                self._dispatch(outputs)
                 self.steps += 1
                 self._stats = self.engine.stats()
+                times.record_thread("dispatch", time.perf_counter() - dispatching)
         except (
             BaseException
         ) as exc:  # a failed step leaves the engine in an unknown state

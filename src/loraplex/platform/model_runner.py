@@ -46,6 +46,7 @@ class ModelRunner:
         tp: TensorParallel = SINGLE,
     ) -> None:
         self.model = model
+        self.last_step_kind = "decode_eager"  # step_times.step_kind of the last forward
         self.peers = None  # rank 0 of several: what sends each step to the other ranks
         spec = shard_spec(spec, tp)  # the KV cache holds this rank's KV heads
         self.config = config
@@ -115,7 +116,10 @@ class ModelRunner:
         graphs = self.decode_graphs
         bucket = graphs.bucket_for(batch) if graphs is not None else None
         if bucket is not None:
+            self.last_step_kind = "decode_graph"
             return graphs.run(batch, bucket)
+        decode_only = all(seq.num_new_tokens == 1 for seq in batch.sequences)
+        self.last_step_kind = "decode_eager" if decode_only else "prefill"
         inputs = prepare_inputs(batch, self.block_size, self.device, self.lora_enabled)
         return self.model(inputs, self.kv_cache)
 

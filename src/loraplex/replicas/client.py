@@ -19,7 +19,14 @@ from ray.exceptions import RayError, RayTaskError
 from ray.serve.exceptions import RayServeException
 
 from loraplex.api.engine_client import Submission
-from loraplex.platform import EngineDeadError, EngineStats, PrefixScope, RequestOutput
+from loraplex.platform import (
+    EngineDeadError,
+    EngineStats,
+    PrefixScope,
+    RequestOutput,
+    merge_seconds,
+    merge_steps,
+)
 
 from .board import FleetView
 from .wire import Accepted, Job, Refused, RemoteRequest
@@ -190,7 +197,13 @@ class ReplicaClient:
         totals = {f: sum(getattr(r.stats, f) for r in reports) for f in fields}
         running = tuple(s for r in reports for s in r.stats.running_slots)
         waiting = tuple(s for r in reports for s in r.stats.waiting_slots)
-        return EngineStats(**totals, running_slots=running, waiting_slots=waiting)
+        return EngineStats(
+            **totals,
+            running_slots=running,
+            waiting_slots=waiting,
+            step_totals=merge_steps(*(r.stats.step_totals for r in reports)),
+            thread_seconds=merge_seconds(*(r.stats.thread_seconds for r in reports)),
+        )
 
     def forget_prefix(self, scope: PrefixScope) -> None:
         self.view.post("forget_prefix", scope)

@@ -1,0 +1,82 @@
+"""StepTimes: where the engine thread's time goes, by kind of step, since start.
+
+A served GPU engine can be far slower than its decode step suggests (steps with a prefill
+chunk run eagerly, output callbacks compete with the HTTP event loop for the GIL). These
+totals let a scrape of /metrics tell which: the count, wall seconds and tokens of each kind of
+step, and the thread's own seconds outside steps.
+
+Kinds of step:
+- "decode_graph": decode tokens only, replayed from a CUDA graph;
+- "decode_eager": decode tokens only, run eagerly (no graphs, or a batch above every bucket);
+- "prefill": at least one prefill chunk (with or without decodes), always eager.
+Thread activities outside steps: "dispatch" (handing outputs to their callbacks), "calls"
+(requests, aborts and slot writes run between steps), "idle" (waiting for work).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+STEP_KINDS = ("decode_graph", "decode_eager", "prefill")
+THREAD_ACTIVITIES = ("dispatch", "calls", "idle")
+
+
+@dataclass(frozen=True)
+class StepTotals:
+    """One kind of step since start: how many, their wall seconds, their scheduled tokens."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    tokens: int = 0
+
+    def __add__(self, other: StepTotals) -> StepTotals:
+        return StepTotals(
+            self.steps + other.steps,
+            self.seconds + other.seconds,
+            self.tokens + other.tokens,
+        )
+
+
+@dataclass
+class StepTimes:
+    """Running totals kept by the engine thread (the only writer); read as snapshots."""
+
+    steps: dict[str, StepTotals] = field(
+        default_factory=lambda: {kind: StepTotals() for kind in STEP_KINDS}
+    )
+    thread_seconds: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(THREAD_ACTIVITIES, 0.0)
+    )
+
+    def record_step(self, kind: str, seconds: float, tokens: int) -> None:
+        self.steps[kind] = self.steps[kind] + StepTotals(1, seconds, tokens)
+
+    def record_thread(self, activity: str, seconds: float) -> None:
+        self.thread_seconds[activity] += seconds
+
+    def snapshot(self) -> tuple[dict[str, StepTotals], dict[str, float]]:
+        return dict(self.steps), dict(self.thread_seconds)
+
+
+def step_kind(has_prefill: bool, replayed: bool) -> str:
+    """The kind of a step from what it held and how it ran."""
+    if has_prefill:
+        return "prefill"
+    return "decode_graph" if replayed else "decode_eager"
+
+
+def merge_steps(*parts: dict[str, StepTotals]) -> dict[str, StepTotals]:
+    """Totals of several engines (replicas), kind by kind."""
+    out: dict[str, StepTotals] = {}
+    for part in parts:
+        for kind, totals in part.items():
+            out[kind] = out.get(kind, StepTotals()) + totals
+    return out
+
+
+def merge_seconds(*parts: dict[str, float]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for part in parts:
+        for key, value in part.items():
+            out[key] = out.get(key, 0.0) + value
+    return out
