@@ -6,7 +6,8 @@ Public ops:
 - `quantize_per_token(x)`: e4m3 activations and [tokens, 1] float32 scales.
 - `fp8_linear(x, weight_q, weight_scales, bias)`: y = (q_x · s_x) @ (q_w · s_w)ᵀ + b in x's dtype.
 - `scaled_mm(...)`: the `torch._scaled_mm` call with row-wise scales, as the dispatch runs it.
-- `reserve_workspace(device)`: the split-K counters, made before CUDA graphs are captured.
+- `reserve_workspace(device)`: the split-K counters (gemm.py's and splitk.py's), made before
+  CUDA graphs are captured.
 
 `backend="auto"` runs on CUDA what the dispatch table (dispatch.py) picks per (M, N, K) and on
 CPU the torch reference; `"torch"` forces the reference; `"triton"` forces the Triton kernels
@@ -148,7 +149,7 @@ def fp8_linear(
     """
     if resolve_backend(backend, x) == "torch":
         return fp8_linear_reference(x, weight_q, weight_scales, bias, x.dtype)
-    from . import dispatch, gemm, gemv, quant
+    from . import dispatch, gemm, gemv, quant, splitk
 
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -158,6 +159,8 @@ def fp8_linear(
         choice = dispatch.choose(m, n, k, x.dtype, x.device, triton_only)
     if choice.impl == "gemv":
         return gemv.fp8_gemv(x, weight_q, weight_scales, choice.config, bias=bias)
+    if choice.impl == "splitk":
+        return splitk.fp8_splitk(x, weight_q, weight_scales, choice.config, bias=bias)
     if choice.impl == "triton_fused":
         return gemm.fp8_gemm(
             x,

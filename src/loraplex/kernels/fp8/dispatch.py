@@ -1,8 +1,9 @@
 """impl(M, N, K) = TABLE[capability][(N, K)][bucket(M)], else the heuristic `default_choice`.
 
 The one place that decides which FP8 GEMM runs a linear: `torch._scaled_mm` (cuBLASLt, row-wise
-scales) or the Triton kernel of gemm.py, quantizing x in a launch of its own ("triton") or
-inside the GEMM ("triton_fused"), and with which tiles. Decided by host ints only (shapes, dtype,
+scales), the Triton kernel of gemm.py, quantizing x in a launch of its own ("triton") or
+inside the GEMM ("triton_fused"), or a weight-only kernel ("gemv": gemv.py, "splitk":
+splitk.py), and with which tiles. Decided by host ints only (shapes, dtype,
 device), so a CUDA graph captured for one batch size always replays the same kernels.
 
 Rules before the table: `_scaled_mm` with row-wise scales is used only for bf16 output and N, K
@@ -22,19 +23,20 @@ import triton
 from ._launch import num_sms
 from .gemm import GemmConfig
 from .gemv import GEMV_TOKENS, GemvConfig, default_gemv_config
+from .splitk import SplitKConfig
 
-Impl = Literal["scaled_mm", "triton", "triton_fused", "gemv"]
-IMPLS = ("scaled_mm", "triton", "triton_fused", "gemv")
+Impl = Literal["scaled_mm", "triton", "triton_fused", "gemv", "splitk"]
+IMPLS = ("scaled_mm", "triton", "triton_fused", "gemv", "splitk")
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
 class GemmChoice:
-    """What runs one FP8 linear; written `scaled_mm`, `triton 16x64x256/s4/w4/st4` or
-    `gemv 8x512/st4`."""
+    """What runs one FP8 linear; written `scaled_mm`, `triton 16x64x256/s4/w4/st4`,
+    `gemv 8x512/st4` or `splitk 16x256/s4/w4/st3[/mma]` (splitk.py)."""
 
     impl: Impl
-    config: GemmConfig | GemvConfig | None = None
+    config: GemmConfig | GemvConfig | SplitKConfig | None = None
 
     def __str__(self) -> str:
         return self.impl if self.config is None else f"{self.impl} {self.config}"
@@ -45,10 +47,12 @@ class GemmChoice:
         if impl not in IMPLS or (impl == "scaled_mm") != (not config):
             raise ValueError(
                 f"dispatch entry {text!r}: 'scaled_mm', 'triton[_fused] <config>' or "
-                "'gemv <config>'"
+                "'gemv <config>' or 'splitk <config>'"
             )
         if impl == "gemv":
             return cls(impl, GemvConfig.parse(config))
+        if impl == "splitk":
+            return cls(impl, SplitKConfig.parse(config))
         return cls(impl, GemmConfig.parse(config) if config else None)
 
 
