@@ -1,20 +1,26 @@
-"""FP8 linears on the Llama-3.1-8B shapes: bf16, _scaled_mm and the Triton kernels vs the floor.
+"""FP8 linears at decode and prefill sizes: bf16, _scaled_mm and the Triton kernels vs the floor.
 
-    PYTHONPATH=src python benchmarks/bench_fp8.py --out DIR [--commit SHA] [--quick]
+    PYTHONPATH=src python benchmarks/bench_fp8.py --out DIR [--commit SHA] [--quick] \
+        [--shapes 8b,70b-tp2,70b-tp4]
     TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/bench_fp8.py --out DIR --smoke  # CPU
 
-For qkv (4096→6144), o (4096→4096), gate_up (4096→28672) and down (14336→4096) and M tokens in
-{1, 2, 4, 8, 16, 32, 64, 128, 256, 8192}, times (median of triton.testing.do_bench, L2 flushed
-before each call) every way to run y = x Wᵀ: bf16 F.linear; FP8 through `_scaled_mm` (the
-per-token quantization launch included, as the engine runs it); the Triton FP8 GEMM over a
-few tile configs around the dispatch heuristic, with the quantization launch and fused. Each
-time stands beside its floor (weight + x + y bytes at the copy bandwidth measured in the same
-run) and its weight-read GB/s. Also: the bf16 and FP8 matmul rates at 8192³, and the chosen
-impls replayed in CUDA graphs (weights rotated so that no call reads them from L2).
+Shapes: the Llama-3.1-8B linears (qkv 4096→6144, o 4096→4096, gate_up 4096→28672, down
+14336→4096) and, with --shapes, the 70B linears' TP2/TP4 shards (fp8_candidates.py). M tokens in
+{1, 2, 4, 8, 16, 32, 64, 128, 256, 8192}. Up to 64 tokens (decode) every way to run y = x Wᵀ is
+timed replayed in a CUDA graph, as the engine runs it (eager timings there are mostly Triton's
+~20-30 µs Python launch): each graph holds the call on enough weight copies that none is read
+from L2, and the time per call is net of a replay's fixed cost. Above 64 tokens, eager timings
+(median of triton.testing.do_bench, L2 flushed before each call). Ways: bf16 F.linear; FP8
+through `_scaled_mm` (the per-token quantization launch included, as the engine runs it); the
+Triton W8A8 GEMM, with the quantization launch and fused; the weight-only kernels of gemv.py and
+splitk.py (every config of `splitk.sweep`); and the dispatch table's current entry. Each time
+stands beside its floor (weight + x + y bytes at the copy bandwidth measured in the same run) and
+its weight-read GB/s. Also the bf16 and FP8 matmul rates at 8192³.
 
 Writes DIR/bench_fp8.json (device, versions, commit, every raw timing, errors) and
 DIR/fp8_dispatch_candidate.py (the fastest impl per shape and M bucket, as dispatch.TABLE's
-entries), and prints a short table last. About 1-2 minutes on an H100.
+entries: paste them over the table's rows), and prints the fastest per shape and M last. With
+--quick and all three shape groups, about 4 minutes on an H100 (guessed, not yet timed).
 """
 
 from __future__ import annotations
@@ -22,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import sys
 import traceback
 from pathlib import Path
@@ -30,60 +35,29 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fp8_candidates import DECODE_MAX_TOKENS, choices, weight_copies
+from fp8_candidates import shapes as shape_group
 from loraplex.kernels import fp8
-from loraplex.kernels.fp8 import dispatch, gemv
+from loraplex.kernels.fp8 import dispatch
 from loraplex.kernels.fp8._launch import num_sms
-from loraplex.kernels.fp8.gemm import GemmConfig
 from provenance import git_commit as provenance_commit
 from sgmv_timing import GraphTimer, copy_bandwidth, eager
 
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096)}
-SHAPES["down"] = (4096, 14336)
-TINY = {"qkv": (128, 64), "o": (64, 64), "gate_up": (192, 64), "down": (64, 96)}
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 8192)
-PRINTED_TOKENS = (1, 8, 16, 32, 64, 128, 256, 8192)
-GRAPH_TOKENS = (1, 8, 64)
+PRINTED_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 8192)
 L2_BYTES = 50e6
-FUSED_MAX_TOKENS = 16
-
-
-def candidates(m: int, n: int, k: int, sms: int, quick: bool) -> list[GemmConfig]:
-    """The heuristic's config first, then neighbours: block_n 32 and 128 (split re-derived),
-    twice the split, 8 warps from 64 tokens, 128-token tiles above 64 tokens. Few enough
-    distinct kernels that compiling them stays under a minute."""
-    bucket = dispatch.m_bucket(m)
-    base = dispatch.default_mma_choice(bucket, n, k, sms).config
-    configs = [base]
-    k_steps = -(-k // base.block_k)
-    if not quick:
-        for block_n in (32, 128):
-            tiles = -(-bucket // base.block_m) * -(-n // block_n)
-            split = 1
-            while tiles * split < 2 * sms and split * 4 <= k_steps:
-                split *= 2
-            configs.append(_with(base, block_n=block_n, split_k=split))
-        if k_steps // (2 * base.split_k) >= 2:
-            configs.append(_with(base, split_k=2 * base.split_k))
-        if m >= 64:
-            configs.append(_with(base, num_warps=8))
-        if m > 64:
-            configs.append(GemmConfig(128, 64, 128, base.split_k, 8, 3))
-    unique = []
-    for config in configs:
-        if config not in unique:
-            unique.append(config)
-    return unique
-
-
-def _with(config: GemmConfig, **changes) -> GemmConfig:
-    fields = {f: getattr(config, f) for f in config.__dataclass_fields__}
-    return GemmConfig(**{**fields, **changes})
 
 
 class Bench:
-    def __init__(self, device: torch.device, smoke: bool, quick: bool) -> None:
-        self.device, self.smoke, self.quick = device, smoke, quick
-        self.dtype = torch.float16 if smoke else torch.bfloat16  # numpy has no bf16
+    def __init__(self, device: torch.device, args: argparse.Namespace) -> None:
+        self.device, self.smoke, self.quick = device, args.smoke, args.quick
+        self.shapes = shape_group(args.shapes, args.smoke)
+        self.dtype = (
+            torch.float16 if args.smoke else torch.bfloat16
+        )  # numpy has no bf16
+        self.capability = (
+            None if args.smoke else torch.cuda.get_device_capability(device)
+        )
         self.sms = num_sms(device)
         self.copy = copy_bandwidth(device)
         self.timer = GraphTimer(device)
@@ -94,10 +68,26 @@ class Bench:
         num_bytes = n * k + 2 * m * k + 2 * m * n  # fp8 weight, bf16 x in and y out
         return num_bytes / (self.copy["gbps"] * 1e3)
 
-    def record(self, shape: str, m: int, impl: str, config, fn) -> dict | None:
-        n, k = (TINY if self.smoke else SHAPES)[shape]
+    def time(self, fn, graph_calls) -> dict:
+        """Eager (do_bench) without graph_calls or without CUDA; else per call in a graph."""
+        if graph_calls is None or not self.timer.enabled:
+            return {"timing": "eager", **eager(fn, self.device)}
+        timed = self.timer.per_call(graph_calls)
+        fixed, calls = self.timer.replay_one_trivial["median_us"], timed["calls"]
+        replay = timed["replay"]
+        return {
+            "timing": "graph",
+            "median_us": timed["per_call_us"],
+            "p10_us": (replay["p10_us"] - fixed) / calls,
+            "p90_us": (replay["p90_us"] - fixed) / calls,
+            "calls": calls,
+            "samples_ms": replay["samples_ms"],
+        }
+
+    def record(self, shape, m, impl, config, fn, graph_calls=None) -> dict | None:
+        n, k = self.shapes[shape]
         try:
-            timing = eager(fn, self.device)
+            timing = self.time(fn, graph_calls)
         except Exception:  # noqa: BLE001 - one failing config must not cost the run
             self.errors.append(
                 {"shape": shape, "m": m, "impl": impl, "config": str(config)}
@@ -114,67 +104,49 @@ class Bench:
             "m": m,
             "impl": impl,
             "config": None if config is None else str(config),
-            "median_us": us,
-            "p10_us": timing["p10_us"],
-            "p90_us": timing["p90_us"],
+            **timing,
             "weight_gbps": weight_bytes / (us * 1e3),
             "floor_us": self.floor_us(m, n, k),
-            "samples_ms": timing["samples_ms"],
         }
         row["floor_ratio"] = us / row["floor_us"]
         self.rows.append(row)
         return row
 
     def shape_case(self, shape: str, m: int) -> None:
-        n, k = (TINY if self.smoke else SHAPES)[shape]
+        """Every way to run M tokens through `shape`; in CUDA graphs up to 64 tokens."""
+        n, k = self.shapes[shape]
+        decode = m <= DECODE_MAX_TOKENS and self.timer.enabled
+        copies = weight_copies(n, k, L2_BYTES) if decode else 1
         gen = torch.Generator(device=self.device).manual_seed(m + n)
         x = torch.randn(m, k, device=self.device, generator=gen).to(self.dtype)
-        w = (torch.randn(n, k, device=self.device, generator=gen) * k**-0.5).to(
-            self.dtype
-        )
-        w_q, w_scales = fp8.quantize_weight(w)
-        self.record(shape, m, "bf16", None, lambda: F.linear(x, w))
-        self.record(
-            shape,
-            m,
-            "scaled_mm",
-            None,
-            lambda: fp8.fp8_linear(x, w_q, w_scales, choice=dispatch.SCALED_MM),
-        )
+        weights = [
+            (torch.randn(n, k, device=self.device, generator=gen) * k**-0.5).to(
+                self.dtype
+            )
+            for _ in range(copies)
+        ]
+        quantized = [fp8.quantize_weight(w) for w in weights]
+
+        def timed(impl, config, call) -> None:  # call(w, w_q, w_scales)
+            fns = [
+                lambda w=w, q=q, s=s: call(w, q, s)
+                for w, (q, s) in zip(weights, quantized, strict=True)
+            ]
+            self.record(shape, m, impl, config, fns[0], fns * 2 if decode else None)
+
+        timed("bf16", None, lambda w, q, s: F.linear(x, w))
         x_q, x_scales = fp8.quantize_per_token(x)
-        self.record(
-            shape,
-            m,
+        timed(
             "scaled_mm_gemm_only",
             None,
-            lambda: fp8.scaled_mm(x_q, x_scales, w_q, w_scales, out_dtype=self.dtype),
+            lambda w, q, s: fp8.scaled_mm(x_q, x_scales, q, s, out_dtype=self.dtype),
         )
-        if dispatch.m_bucket(m) is None:
-            return  # prefill: _scaled_mm's ground
-        if m <= gemv.MAX_TOKENS:
-            cuda_cores = m <= gemv.GEMV_TOKENS
-            for block_n in (4, 8, 16, 32) if cuda_cores else (16, 32, 64):
-                for block_k in (256, 512, 1024) if cuda_cores else (128, 256):
-                    config = gemv.GemvConfig(block_n, block_k)
-                    choice = dispatch.GemmChoice("gemv", config)
-                    self.record(
-                        shape,
-                        m,
-                        "gemv",
-                        config,
-                        lambda c=choice: fp8.fp8_linear(x, w_q, w_scales, choice=c),
-                    )
-        for index, config in enumerate(candidates(m, n, k, self.sms, self.quick)):
-            fused = index == 0 and m <= FUSED_MAX_TOKENS  # the heuristic's tiles only
-            for impl in ["triton"] + (["triton_fused"] if fused else []):
-                choice = dispatch.GemmChoice(impl, config)
-                self.record(
-                    shape,
-                    m,
-                    impl,
-                    config,
-                    lambda c=choice: fp8.fp8_linear(x, w_q, w_scales, choice=c),
-                )
+        for choice in choices(m, n, k, self.sms, self.quick, self.capability):
+            timed(
+                choice.impl,
+                choice.config,
+                lambda w, q, s, c=choice: fp8.fp8_linear(x, q, s, choice=c),
+            )
 
     def best(self, shape: str, m: int, impls=None) -> dict | None:
         rows = [
@@ -189,33 +161,6 @@ class Bench:
             )
         ]
         return min(rows, key=lambda r: r["median_us"], default=None)
-
-    def graph_case(self, shape: str, m: int) -> dict:
-        """bf16 and the chosen FP8 impl replayed in a graph, weights rotated past L2."""
-        n, k = (TINY if self.smoke else SHAPES)[shape]
-        best = self.best(shape, m)
-        choice = dispatch.GemmChoice.parse(_entry(best))
-        copies = max(2, math.ceil(2 * L2_BYTES / (n * k)))
-        x = torch.randn(m, k, device=self.device).to(self.dtype)
-        weights = [
-            torch.randn(n, k, device=self.device).to(self.dtype) for _ in range(copies)
-        ]
-        quantized = [fp8.quantize_weight(w) for w in weights]
-        bf16 = self.timer.per_call([lambda w=w: F.linear(x, w) for w in weights] * 2)
-        ours = self.timer.per_call(
-            [
-                lambda q=q, s=s: fp8.fp8_linear(x, q, s, choice=choice)
-                for q, s in quantized
-            ]
-            * 2
-        )
-        return {
-            "shape": shape,
-            "m": m,
-            "choice": str(choice),
-            "bf16": bf16,
-            "fp8": ours,
-        }
 
 
 def _entry(row: dict) -> str:
@@ -254,7 +199,11 @@ def candidate_table(bench: Bench, shapes: dict, capability, stamp: str) -> str:
         for bucket in dispatch.M_BUCKETS:
             best = bench.best(shape, bucket)
             if best is not None:
-                lines.append(f'            {bucket}: "{_entry(best)}",')
+                pct = 100 * best["weight_gbps"] / bench.copy["gbps"]
+                lines.append(
+                    f'            {bucket}: "{_entry(best)}",  # {best["median_us"]:.1f} µs '
+                    f"{best['timing']}, {pct:.0f}% of copy"
+                )
         lines.append("        },")
     return "\n".join([*lines, "    },", "}", ""])
 
@@ -265,9 +214,9 @@ def print_table(bench: Bench, shapes: dict, rates: dict, info: dict) -> None:
     for name, rate in rates.items():
         print(f"{name} at 8192³: {rate['tflops']:.0f} TFLOP/s")
     print(
-        f"{'shape':8} {'M':>5} {'bf16':>7} {'sc_mm':>7} {'triton':>7} {'fused':>7} "
-        f"{'gemv':>7} "
-        f"{'floor':>6}  {'chosen':34} {'GB/s':>5} {'%copy':>5}"
+        f"{'shape':11} {'M':>5} {'bf16':>7} {'sc_mm':>7} {'triton':>7} {'fused':>7} "
+        f"{'gemv':>7} {'splitk':>7} "
+        f"{'floor':>6}  {'chosen':38} {'GB/s':>5} {'%copy':>5}"
     )
     for shape in shapes:
         for m in TOKENS[:4] if bench.smoke else PRINTED_TOKENS:
@@ -275,17 +224,20 @@ def print_table(bench: Bench, shapes: dict, rates: dict, info: dict) -> None:
             if best is None:
                 continue
             cells = []
-            for impl in ("bf16", "scaled_mm", "triton", "triton_fused", "gemv"):
+            impls = ("bf16", "scaled_mm", "triton", "triton_fused", "gemv", "splitk")
+            for impl in impls:
                 row = bench.best(shape, m, (impl,))
                 cells.append(f"{row['median_us']:7.1f}" if row else f"{'-':>7}")
             pct = 100 * best["weight_gbps"] / bench.copy["gbps"]
             print(
-                f"{shape:8} {m:5d} {' '.join(cells)} {best['floor_us']:6.1f}  "
-                f"{_entry(best):34} {best['weight_gbps']:5.0f} {pct:5.0f}"
+                f"{shape:11} {m:5d} {' '.join(cells)} {best['floor_us']:6.1f}  "
+                f"{_entry(best):38} {best['weight_gbps']:5.0f} {pct:5.0f}"
             )
     print(
-        "median µs, L2 flushed before each call; chosen: the fastest FP8 linear, "
-        "quantization included; %copy: weight bytes read per second / copy bandwidth"
+        f"µs per call: replayed in CUDA graphs, weights rotated past L2, up to "
+        f"{DECODE_MAX_TOKENS} tokens; above, eager medians, L2 flushed before each call; "
+        "chosen: the fastest FP8 linear, quantization included; %copy: weight bytes read "
+        "per second / copy bandwidth"
     )
 
 
@@ -297,15 +249,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="the heuristic configs only"
     )
+    parser.add_argument(
+        "--shapes", default="8b", help="comma-separated: 8b, 70b-tp2, 70b-tp4"
+    )
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.smoke else "cuda")
-    bench = Bench(device, args.smoke, args.quick)
-    shapes = TINY if args.smoke else SHAPES
+    bench = Bench(device, args)
+    shapes = bench.shapes
     tokens = TOKENS[:4] if args.smoke else TOKENS
     import triton
 
     commit = args.commit or _git_commit()
-    capability = torch.cuda.get_device_capability(device) if not args.smoke else None
+    capability = bench.capability
     info = {
         "device": torch.cuda.get_device_name(device) if not args.smoke else "cpu",
         "capability": capability,
@@ -316,6 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         "commit": commit,
         "date": datetime.date.today().isoformat(),
         "dtype": str(bench.dtype),
+        "shapes": shapes,
         "copy_bandwidth": bench.copy,
     }
     result = {"info": info, "rows": bench.rows, "errors": bench.errors}
@@ -327,12 +283,6 @@ def main(argv: list[str] | None = None) -> None:
                 torch.cuda.empty_cache()
     sections = {
         "matmul_rates": lambda: matmul_rates(device),
-        "graphs": lambda: [
-            bench.graph_case(shape, m)
-            for shape in shapes
-            for m in GRAPH_TOKENS
-            if bench.timer.enabled
-        ],
     }
     for key, run in sections.items():
         try:
