@@ -133,6 +133,66 @@ def decode_floor_ms(engine, batch, distinct, prompt_len, new_tokens, copy_gbps) 
     return {"bytes": parts, "floor_ms": 1e3 * total / (copy_gbps * 1e9)}
 
 
+def mixed_run(
+    engine, batch: int, distinct: int, prompt_len: int, chunk: int, reps: int = 5
+) -> dict:
+    """What serving runs most: B-1 requests (prompts of `prompt_len`) decoding while one new
+    prompt of `chunk` tokens arrives, so one step carries the chunk and B-1 decodes (eager: no
+    graph holds a prompt chunk). Per such step: its wall time, and the host time of the forward alone (launches
+    enqueued, the GPU not waited for); the decode-only steps around them for comparison. A
+    forward whose host time is near the step's wall time is launch-bound."""
+    spec = engine.spec
+    gen = torch.Generator().manual_seed(11)
+    params = SamplingParams(max_tokens=4 * reps + 8, temperature=0.0, ignore_eos=True)
+    short = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    for i in range(batch - 1):
+        prompt = torch.randint(3, spec.vocab_size, (prompt_len,), generator=gen)
+        engine.add_request(
+            f"mixed-{i}", prompt.tolist(), params, i % distinct if distinct else None
+        )
+    forward = engine.runner.forward
+    host: list[float] = []
+
+    def timed_forward(b):
+        t0 = time.perf_counter()
+        out = forward(b)
+        host.append(time.perf_counter() - t0)
+        return out
+
+    engine.runner.forward = timed_forward
+    mixed, decode = [], []
+    try:
+        for _ in range(3):  # every request past its prompt
+            engine.step()
+        for rep in range(reps):
+            for kind, add in (("decode", False), ("mixed", True)):
+                if add:
+                    prompt = torch.randint(3, spec.vocab_size, (chunk,), generator=gen)
+                    engine.add_request(f"chunk-{rep}", prompt.tolist(), short, None)
+                t0 = time.perf_counter()
+                engine.step()
+                wall = time.perf_counter() - t0
+                (mixed if add else decode).append((wall, host[-1]))
+        while engine.has_unfinished_requests:
+            engine.step()
+    finally:
+        engine.runner.forward = forward
+
+    def medians(pairs):
+        return {
+            "wall_ms": 1e3 * statistics.median(w for w, _ in pairs),
+            "forward_host_ms": 1e3 * statistics.median(h for _, h in pairs),
+        }
+
+    return {
+        "batch": batch,
+        "distinct_adapters": distinct,
+        "chunk_tokens": chunk,
+        "mixed_step": medians(mixed),
+        "decode_step": medians(decode),
+    }
+
+
 def prefill_run(engine, length: int, fp8_tflops: float | None) -> dict:
     spec = engine.spec
     gen = torch.Generator().manual_seed(7)
@@ -236,6 +296,16 @@ def main() -> None:
             result["ours_like_peer"] = run_batch(
                 engine, 32, 32, 128, args.peer_new_tokens, "peer-like"
             )
+        mixed_batch = max(batches)
+        if mixed_batch > 1:
+            result["mixed"] = mixed_run(
+                engine,
+                mixed_batch,
+                min(8, mixed_batch - 1),
+                args.prompt_len,
+                min(512, args.prefill_len),
+            )
+            print(f"mixed {result['mixed']}", flush=True)
         result["prefill"] = prefill_run(
             engine, args.prefill_len, result["ceilings"].get("fp8_TFLOPs")
         )
@@ -291,6 +361,15 @@ def table(result: dict) -> str:
         f"bench_engine on {result['device']} ({result['date']}, {result['commit'][:8]})"
     ]
     lines += [_row(run) for run in result["decode"]]
+    if "mixed" in result:
+        m = result["mixed"]
+        lines.append(
+            f"B={m['batch']} with a {m['chunk_tokens']}-token chunk: step"
+            f" {m['mixed_step']['wall_ms']:.2f} ms (forward host"
+            f" {m['mixed_step']['forward_host_ms']:.2f} ms); decode-only step"
+            f" {m['decode_step']['wall_ms']:.2f} ms (host"
+            f" {m['decode_step']['forward_host_ms']:.2f} ms)"
+        )
     lines.append(f"prefill {result['prefill']}")
     for key, value in result["summary"].items():
         lines.append(f"{key:36s} {value}")
