@@ -149,9 +149,7 @@ class Engine:
         host = self.sampler.to_host(sampled, sampling_seqs)
         updates = self.scheduler.update(batch, host.tokens)
         outputs = self._take_finished(self.outputs.process(updates, host.logprobs))
-        self.step_times.record_step(
-            self.runner.last_step_kind, time.perf_counter() - started, batch.num_tokens
-        )
+        self.step_times.record(self.runner.last_step_kind, started, batch.num_tokens)
         return outputs
 
     def add_request(

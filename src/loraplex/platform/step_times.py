@@ -15,6 +15,7 @@ Thread activities outside steps: "dispatch" (handing outputs to their callbacks)
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 STEP_KINDS = ("decode_graph", "decode_eager", "prefill")
@@ -48,7 +49,9 @@ class StepTimes:
         default_factory=lambda: dict.fromkeys(THREAD_ACTIVITIES, 0.0)
     )
 
-    def record_step(self, kind: str, seconds: float, tokens: int) -> None:
+    def record(self, kind: str, started: float, tokens: int) -> None:
+        """One step of `kind` that began at perf_counter() `started` and ends now."""
+        seconds = time.perf_counter() - started
         self.steps[kind] = self.steps[kind] + StepTotals(1, seconds, tokens)
 
     def record_thread(self, activity: str, seconds: float) -> None:
