@@ -76,10 +76,11 @@ def invalid(demo_assets) -> Content:
 
 
 def pytest_collection_modifyitems(config, items):
-    # The 100-trial runs are for `pytest -m slow`; the default run has fewer trials.
+    # The long runs (100 SIGKILL trials, the 3-minute soak) are for `pytest -m slow`; the
+    # default run has shorter versions of them.
     if "slow" in (config.getoption("-m") or ""):
         return
-    skip = pytest.mark.skip(reason="100 trials: run with -m slow")
+    skip = pytest.mark.skip(reason="a long run: use -m slow")
     for item in items:
         if "slow" in item.keywords and "reliability" in str(item.fspath):
             item.add_marker(skip)
