@@ -74,7 +74,7 @@ def engine_moved(before: dict, after: dict, seconds: float) -> dict:
         return counter(after, name, label) - counter(before, name, label)
 
     steps = {}
-    for kind in ("decode_graph", "decode_eager", "prefill"):
+    for kind in ("decode_graph", "decode_eager", "chunk_graph", "prefill"):
         count = moved("loraplex_engine_steps_total", ("kind", kind))
         wall = moved("loraplex_engine_step_seconds_total", ("kind", kind))
         steps[kind] = {"steps": count, "mean_ms": 1e3 * wall / count if count else None}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import gc
 import json
 import statistics
@@ -53,6 +54,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--peer-new-tokens", type=int, default=16)
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument(
+        "--mixed-graph-max-tokens",
+        type=int,
+        default=0,
+        help="also time the mixed step replayed from the graphs of mixed_graphs.py",
+    )
     return parser.parse_args()
 
 
@@ -69,6 +76,7 @@ def make_engine(model_dir: Path, args, device: str, max_batch: int) -> Engine:
         "max_lora_rank": RANK,
         "enforce_eager": args.enforce_eager,
         "gpu_memory_utilization": 0.88,
+        "mixed_graph_max_tokens": args.mixed_graph_max_tokens,
     }
     fields = {f.name for f in dataclasses.fields(EngineConfig)}
     if "quantization" in fields:
@@ -298,14 +306,19 @@ def main() -> None:
             )
         mixed_batch = max(batches)
         if mixed_batch > 1:
-            result["mixed"] = mixed_run(
-                engine,
-                mixed_batch,
-                min(8, mixed_batch - 1),
-                args.prompt_len,
-                min(512, args.prefill_len),
+            runner = engine.runner
+            chunk = min(512, args.prefill_len)
+            mixed = functools.partial(
+                mixed_run, engine, mixed_batch, min(8, mixed_batch - 1)
             )
-            print(f"mixed {result['mixed']}", flush=True)
+            graphs, runner.mixed_graphs = runner.mixed_graphs, None
+            result["mixed"] = mixed(args.prompt_len, chunk)  # eager, as by default
+            runner.mixed_graphs = graphs
+            if graphs is not None:
+                result["mixed_graph"] = mixed(args.prompt_len, chunk)
+            print(
+                f"mixed {result['mixed']} {result.get('mixed_graph', '')}", flush=True
+            )
         result["prefill"] = prefill_run(
             engine, args.prefill_len, result["ceilings"].get("fp8_TFLOPs")
         )
@@ -361,10 +374,13 @@ def table(result: dict) -> str:
         f"bench_engine on {result['device']} ({result['date']}, {result['commit'][:8]})"
     ]
     lines += [_row(run) for run in result["decode"]]
-    if "mixed" in result:
-        m = result["mixed"]
+    for key in ("mixed", "mixed_graph"):
+        if key not in result:
+            continue
+        m = result[key]
+        how = "eager" if key == "mixed" else "graph"
         lines.append(
-            f"B={m['batch']} with a {m['chunk_tokens']}-token chunk: step"
+            f"B={m['batch']} with a {m['chunk_tokens']}-token chunk ({how}): step"
             f" {m['mixed_step']['wall_ms']:.2f} ms (forward host"
             f" {m['mixed_step']['forward_host_ms']:.2f} ms); decode-only step"
             f" {m['decode_step']['wall_ms']:.2f} ms (host"

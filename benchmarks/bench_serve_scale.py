@@ -214,7 +214,7 @@ def step_brief(moved: dict, seconds: float) -> str:
         return sum(v for k, v in moved.items() if k.startswith(name) and label in k)
 
     parts = []
-    for kind in ("decode_graph", "decode_eager", "prefill"):
+    for kind in ("decode_graph", "decode_eager", "chunk_graph", "prefill"):
         steps = total("loraplex_engine_steps_total", f"kind={kind}")
         busy = total("loraplex_engine_step_seconds_total", f"kind={kind}")
         if steps:

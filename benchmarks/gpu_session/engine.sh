@@ -1,6 +1,11 @@
-# Issue 7 on one GPU (~4.5 min): the engine on the standard workload (decode at B=1 and 64 with
-# D = 0, 1, 8, B; the mixed step of 63 decodes + a 512-token chunk, with its host time; prefill of
-# 8192) without the peer. Run after pasting bench_fp8's candidate rows into the TABLE.
+# Issue 7 on one GPU (~6 min): the graphs of steps with prompt chunks (mixed_graphs.py, off by
+# default) against eager on the GPU, then the engine on the standard workload: decode at B=1 and
+# 64 with D = 0, 1, 8, B; the mixed step of 63 decodes + a 512-token chunk, eager and replayed,
+# with its host time; prefill of 8192; no peer. Run after pasting bench_fp8's TABLE rows.
 source benchmarks/gpu_session/common.sh
-timeout 260 python3 benchmarks/bench_engine.py --out $OUT/engine --skip-peer \
-  --batches 1,64 > $OUT/bench_engine.log 2>&1; echo "bench_engine rc=$?"; tail -16 $OUT/bench_engine.log
+timeout 100 python3 -m pytest -q --tb=short -p no:cacheprovider -m gpu \
+  tests/platform/test_engine_gpu.py -k graphs_give > $OUT/pytest-mixed-graphs.log 2>&1
+echo "graph tests rc=$?"; tail -3 $OUT/pytest-mixed-graphs.log
+timeout 280 python3 benchmarks/bench_engine.py --out $OUT/engine --skip-peer \
+  --mixed-graph-max-tokens 1024 --batches 1,64 > $OUT/bench_engine.log 2>&1
+echo "bench_engine rc=$?"; tail -17 $OUT/bench_engine.log

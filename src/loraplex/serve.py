@@ -154,6 +154,7 @@ def engine_config(settings: ServeSettings, model: Path) -> EngineConfig:
         enable_prefix_caching=settings.enable_prefix_caching,
         load_format=settings.load_format,
         enforce_eager=settings.enforce_eager,
+        mixed_graph_max_tokens=settings.mixed_graph_max_tokens,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         tensor_parallel_size=settings.tensor_parallel_size,
     )

@@ -27,4 +27,4 @@ def test_smoke_run_writes_decode_mixed_and_prefill_figures(tmp_path):
     for step in (mixed["mixed_step"], mixed["decode_step"]):
         assert 0 < step["forward_host_ms"] <= step["wall_ms"]
     assert result["prefill"]["tokens"] == 64
-    assert "-token chunk: step" in done.stdout
+    assert "-token chunk (eager): step" in done.stdout

@@ -121,9 +121,11 @@ def test_bf16_on_cuda_agrees_with_fp32(setup, enforce_eager):
     assert agree >= len(runs[0]) - 1
 
 
-def test_graphs_give_the_eager_tokens_for_many_requests(setup):
+@pytest.mark.parametrize("mixed_graph_max_tokens", [0, 128], ids=["decode", "mixed"])
+def test_graphs_give_the_eager_tokens_for_many_requests(setup, mixed_graph_max_tokens):
     """fp32, 40 requests over three adapters and the base: every bucket size up to 40 replays,
-    padded, while prefill chunks of long prompts share steps with decodes."""
+    padded, while prefill chunks of long prompts share steps with decodes; with
+    mixed_graph_max_tokens those steps replay the graphs of mixed_graphs.py too."""
     model, dirs = setup
     gen = torch.Generator().manual_seed(11)
     names = [None, *dirs]
@@ -136,6 +138,7 @@ def test_graphs_give_the_eager_tokens_for_many_requests(setup):
             max_num_batched_tokens=128,
             max_num_seqs=40,
             enforce_eager=eager,
+            mixed_graph_max_tokens=mixed_graph_max_tokens,
         )
         requests = {}
         for i in range(40):
@@ -151,6 +154,11 @@ def test_graphs_give_the_eager_tokens_for_many_requests(setup):
         runs.append(run_to_completion(engine, requests))
         if not eager:
             assert engine.runner.decode_graphs.num_replays > 20
+            mixed = engine.runner.mixed_graphs
+            assert (mixed is not None) == bool(mixed_graph_max_tokens)
+            if mixed is not None:
+                assert mixed.num_replays > 5
+                assert engine.step_times.steps["prefill"].steps == 0
     assert runs[0] == runs[1]
 
 

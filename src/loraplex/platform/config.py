@@ -248,6 +248,10 @@ class EngineConfig:
     :param enable_prefix_caching: reuse the KV blocks of a prompt's cached prefix (same engine,
         adapter content and salt only; see prefix_cache.py).
     :param enforce_eager: no CUDA graphs and no torch.compile (debugging, first-token latency).
+    :param mixed_graph_max_tokens: steps that carry prompt chunks, of up to this many tokens
+        (capped by max_num_batched_tokens), replay CUDA graphs captured for token buckets rather
+        than launching every kernel from Python; 0 (the default): they run eagerly. Off by
+        default until measured on a GPU (mixed_graphs.py).
     :param gpu_memory_utilization: the share of the GPU's memory the engine may fill, KV cache
         included; the KV cache gets what weights, adapter slots and activations leave.
     :param tensor_parallel_size: ranks the model is split over, one process (and GPU) each;
@@ -270,6 +274,7 @@ class EngineConfig:
     seed: int = 0
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
+    mixed_graph_max_tokens: int = 0
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
 
@@ -284,6 +289,7 @@ class EngineConfig:
             "max_lora_rank": self.max_lora_rank >= 1,
             "gpu_memory_utilization": 0 < self.gpu_memory_utilization <= 1,
             "tensor_parallel_size": self.tensor_parallel_size >= 1,
+            "mixed_graph_max_tokens": self.mixed_graph_max_tokens >= 0,
         }
         for name, ok in checks.items():
             if not ok:

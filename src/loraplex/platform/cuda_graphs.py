@@ -56,7 +56,10 @@ class DecodeGraphs:
         max_loras: int,
         device: torch.device,
         capture: bool,
+        pool=None,
     ) -> None:
+        """:param pool: a CUDA graph memory pool to capture into (shared with other graphs
+        never replayed at the same time); None: a new one."""
         self.model = model
         self.kv_cache = kv_cache
         self.buckets = tuple(sorted(buckets))
@@ -107,7 +110,7 @@ class DecodeGraphs:
         self._graphs = {}
         self.num_replays = 0
         if capture:
-            self._capture_all()
+            self._capture_all(pool)
 
     def bucket_for(self, batch: ScheduledBatch) -> int | None:
         """The bucket a decode-only batch replays in, or None when it must run eagerly."""
@@ -205,9 +208,9 @@ class DecodeGraphs:
             max_seq_len=self.max_model_len,
         )
 
-    def _capture_all(self) -> None:
+    def _capture_all(self, pool) -> None:
         """Capture every (bucket, LoRA) graph, largest first so smaller ones reuse its memory."""
-        pool = torch.cuda.graph_pool_handle()
+        pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         variants = (True, False) if self.lora_buffers is not None else (False,)
         for bucket in reversed(self.buckets):
             for use_lora in variants:

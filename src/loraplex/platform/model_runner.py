@@ -23,6 +23,7 @@ from .cuda_graphs import DecodeGraphs, default_buckets
 from .inputs import prepare_inputs
 from .kv_cache import KVCache
 from .memory_plan import MemoryPlan, plan_kv_blocks
+from .mixed_graphs import MixedGraphs, mixed_buckets
 from .model.fusions import compiled_fusions
 from .parallel import SINGLE, TensorParallel, shard_spec
 from .request import Request, SamplingParams
@@ -56,6 +57,9 @@ class ModelRunner:
         self.max_blocks_per_seq = blocks_for(max_model_len, config.block_size)
         use_graphs = device.type == "cuda" and not config.enforce_eager
         buckets = default_buckets(config.max_num_seqs) if use_graphs else ()
+        mixed_max = min(config.mixed_graph_max_tokens, config.max_num_batched_tokens)
+        chunk_buckets = mixed_buckets(mixed_max) if use_graphs and mixed_max else ()
+        graph_rows = sum(buckets) + len(chunk_buckets) * (config.max_num_seqs + 1)
         if (
             use_graphs
         ):  # compiled before the profiling forward, which is their first call
@@ -70,7 +74,7 @@ class ModelRunner:
                 lambda: self._profile_forward(spec, dtype, max_model_len),
                 max_num_seqs=config.max_num_seqs,
                 vocab_size=spec.vocab_size,
-                graph_rows=sum(buckets) * (2 if lora_enabled else 1),
+                graph_rows=graph_rows * (2 if lora_enabled else 1),
             )
             num_blocks = self.memory_plan.num_blocks
         elif not num_blocks:
@@ -83,6 +87,23 @@ class ModelRunner:
             )
         self.kv_cache = KVCache(spec, num_blocks, config.block_size, dtype, device)
         self.decode_graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
+        pool = torch.cuda.graph_pool_handle() if use_graphs else None
+        if (
+            chunk_buckets
+        ):  # first: the largest activations, which the decode graphs reuse
+            self.mixed_graphs = MixedGraphs(
+                model,
+                self.kv_cache,
+                buckets=chunk_buckets,
+                max_seqs=config.max_num_seqs,
+                max_blocks_per_seq=self.max_blocks_per_seq,
+                max_model_len=max_model_len,
+                max_loras=config.max_loras if lora_enabled else 0,
+                device=device,
+                capture=True,
+                pool=pool,
+            )
         if use_graphs:
             self.decode_graphs = DecodeGraphs(
                 model,
@@ -93,14 +114,15 @@ class ModelRunner:
                 max_loras=config.max_loras if lora_enabled else 0,
                 device=device,
                 capture=True,
+                pool=pool,
             )
 
     def close(self) -> None:
-        """Release the decode graphs. A tensor-parallel rank does this before it leaves its
+        """Release the CUDA graphs. A tensor-parallel rank does this before it leaves its
         group: NCCL will not tear down a communicator that live graphs still launch on."""
-        if self.decode_graphs is None:
+        if self.decode_graphs is None and self.mixed_graphs is None:
             return
-        self.decode_graphs = None
+        self.decode_graphs = self.mixed_graphs = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         gc.collect()
@@ -118,6 +140,11 @@ class ModelRunner:
         if bucket is not None:
             self.last_step_kind = "decode_graph"
             return graphs.run(batch, bucket)
+        mixed = self.mixed_graphs
+        bucket = mixed.bucket_for(batch) if mixed is not None else None
+        if bucket is not None:
+            self.last_step_kind = "chunk_graph"
+            return mixed.run(batch, bucket)
         decode_only = all(seq.num_new_tokens == 1 for seq in batch.sequences)
         self.last_step_kind = "decode_eager" if decode_only else "prefill"
         inputs = prepare_inputs(batch, self.block_size, self.device, self.lora_enabled)

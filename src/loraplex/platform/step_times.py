@@ -8,7 +8,8 @@ step, and the thread's own seconds outside steps.
 Kinds of step:
 - "decode_graph": decode tokens only, replayed from a CUDA graph;
 - "decode_eager": decode tokens only, run eagerly (no graphs, or a batch above every bucket);
-- "prefill": at least one prefill chunk (with or without decodes), always eager.
+- "chunk_graph": at least one prompt chunk, replayed from a CUDA graph (mixed_graphs.py);
+- "prefill": at least one prompt chunk (with or without decodes), run eagerly.
 Thread activities outside steps: "dispatch" (handing outputs to their callbacks), "calls"
 (requests, aborts and slot writes run between steps), "idle" (waiting for work).
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-STEP_KINDS = ("decode_graph", "decode_eager", "prefill")
+STEP_KINDS = ("decode_graph", "decode_eager", "chunk_graph", "prefill")
 THREAD_ACTIVITIES = ("dispatch", "calls", "idle")
 
 
