@@ -10,19 +10,21 @@ config field or tensor:
 5. tensor-name grammar
 6. A/B pairs, target_modules, shapes against the base model per module and layer
 7. dtype (float16, bfloat16 or float32)
-8. tensors read with the safetensors library; NaN/Inf
+8. tensors: zero-copy views of the checked file bytes, or read with the safetensors library
+   from a file; NaN/Inf
 """
 
 from __future__ import annotations
 
 import re
+import struct
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load as load_safetensors_bytes
 
 from loraplex.platform import LORA_TARGETS, LoraModuleWeights, LoraWeights, ModelSpec
 
@@ -33,7 +35,12 @@ from .adapter_config import (
     parse_adapter_config,
 )
 from .errors import AdapterInvalid
-from .safetensors_header import WEIGHTS_NAME, read_header, read_header_from_file
+from .safetensors_header import (
+    WEIGHTS_NAME,
+    TensorEntry,
+    read_header,
+    read_header_from_file,
+)
 
 ADAPTER_WEIGHTS = WEIGHTS_NAME
 PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
@@ -241,12 +248,45 @@ def validate_adapter_bytes(
         config, {n: (e.dtype, e.shape) for n, e in header.items()}, spec
     )
     try:
-        tensors = load_safetensors_bytes(weights_bytes)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
+        tensors = tensor_views(weights_bytes, header)
+    except (ValueError, RuntimeError) as exc:
         raise AdapterInvalid(
             f"{ADAPTER_WEIGHTS} is not a valid safetensors file: {exc}", ADAPTER_WEIGHTS
         ) from None
     return assemble(config, pairs, tensors)
+
+
+def tensor_views(
+    data: bytes, header: Mapping[str, TensorEntry]
+) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file held in `data`, as a read-only view of its bytes.
+
+    The header was checked by hand (safetensors_header.py: every span inside the blob, of
+    dtype size × shape bytes, the spans tiling it), so each view is exactly its tensor. Ours
+    rather than `safetensors.torch.load`, which copies every tensor while holding the GIL: 28 ms
+    for an 84 MB adapter of the 8B shapes on a 2-core CPU, during which the engine thread of a
+    server loading an adapter could not run. Views copy nothing; the pool packs them into its
+    own buffer. The byte order is little-endian, as the format's and every supported host's.
+    Only the dtypes of step 7 reach here.
+    """
+    (header_length,) = struct.unpack("<Q", data[:8])
+    blob = 8 + header_length
+    out = {}
+    with warnings.catch_warnings():  # bytes are immutable: the views are never written
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        for name, entry in header.items():
+            dtype = _DTYPES[entry.dtype]
+            if entry.end == entry.begin:
+                out[name] = torch.empty(entry.shape, dtype=dtype)
+                continue
+            flat = torch.frombuffer(
+                data,
+                dtype=dtype,
+                count=(entry.end - entry.begin) // dtype.itemsize,
+                offset=blob + entry.begin,
+            )
+            out[name] = flat.view(entry.shape)
+    return out
 
 
 def validate_adapter_files(
