@@ -7,8 +7,10 @@ linear are stacked: for q/k/v (3 slices), o (1), gate/up (2) and down (1),
     ranks   [num_slots, num_slices] int32 (0 = the adapter leaves that slice alone)
     scales  [num_slots, num_slices] float32
 An adapter of rank r < max_rank fills the first r rows of its A block and the first r columns of
-its B block; the rest of the slot is zeroed when it is written, and the kernels read only up to r.
-Writing a slot happens between two engine steps.
+its B block; the rest of the block is zero, and the kernels read only up to r. Writing a slot
+happens between two engine steps, so it is kept to few launches: each A and B block is copied
+once, each group's ranks and scales are written as one row each, and only what the slot's last
+adapter left past the new ranks is zeroed (nothing, when both have the same ranks).
 
 Under tensor parallelism a rank's slots hold its shard of each adapter (`shard_lora_weights`):
 B split by output for the column-parallel targets, A split by input for the row-parallel ones.
@@ -30,6 +32,8 @@ LORA_GROUPS: dict[str, tuple[str, ...]] = {
     "gate_up": ("gate", "up"),
     "down": ("down",),
 }
+# target → (its group, its slice in the group)
+_GROUP_OF = {t: (g, i) for g, ts in LORA_GROUPS.items() for i, t in enumerate(ts)}
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,14 @@ class LoraSlots:
                     slice_offsets=offsets,
                 )
             self.layers.append(groups)
+        # Host copy of each slot's ranks, per layer and group: what a write must zero past.
+        self._held: list[dict[str, list[list[int]]]] = [
+            {
+                name: [[0] * len(ts) for _ in range(num_slots)]
+                for name, ts in LORA_GROUPS.items()
+            }
+            for _ in range(spec.num_layers)
+        ]
 
     @property
     def num_bytes(self) -> int:
@@ -169,28 +181,51 @@ class LoraSlots:
         self._write(slot, shard)
 
     def _write(self, slot: int, weights: LoraWeights) -> None:
-        self.clear(slot)
+        ranks: dict[tuple[int, str], list[int]] = {}
+        scales: dict[tuple[int, str], list[float]] = {}
         for (layer, target), module in weights.modules.items():
-            group_name = next(g for g, ts in LORA_GROUPS.items() if target in ts)
+            group_name, i = _GROUP_OF[target]
             group = self.layers[layer][group_name]
-            i = LORA_GROUPS[group_name].index(target)
             rank = module.rank
             rows = slice(i * self.max_rank, i * self.max_rank + rank)
             outs = slice(group.slice_offsets[i], group.slice_offsets[i + 1])
             group.lora_a[slot, rows].copy_(module.lora_a, non_blocking=True)
             group.lora_b[slot, outs, :rank].copy_(module.lora_b, non_blocking=True)
-            group.ranks[slot, i] = rank
-            group.scales[slot, i] = module.scale
+            n = len(LORA_GROUPS[group_name])
+            ranks.setdefault((layer, group_name), [0] * n)[i] = rank
+            scales.setdefault((layer, group_name), [0.0] * n)[i] = module.scale
+        for layer, groups in enumerate(self.layers):
+            for name, group in groups.items():
+                n = len(LORA_GROUPS[name])
+                new = ranks.get((layer, name), [0] * n)
+                self._zero_past(group, slot, self._held[layer][name][slot], new)
+                group.ranks[slot].copy_(torch.tensor(new, dtype=torch.int32))
+                group.scales[slot].copy_(
+                    torch.tensor(scales.get((layer, name), [0.0] * n))
+                )
+                self._held[layer][name][slot] = new
+
+    def _zero_past(
+        self, group: LoraGroupSlots, slot: int, held: list[int], new: list[int]
+    ) -> None:
+        """Zero the rows of A and columns of B that ranks `held` filled and `new` do not."""
+        for i, (old, rank) in enumerate(zip(held, new, strict=True)):
+            if old > rank:
+                base = i * self.max_rank
+                group.lora_a[slot, base + rank : base + old].zero_()
+                outs = slice(group.slice_offsets[i], group.slice_offsets[i + 1])
+                group.lora_b[slot, outs, rank:old].zero_()
 
     def clear(self, slot: int) -> None:
         """Empty a slot: rank 0 everywhere, so the kernels add nothing for it."""
         self._check_slot(slot)
-        for groups in self.layers:
-            for group in groups.values():
+        for layer, groups in enumerate(self.layers):
+            for name, group in groups.items():
                 group.lora_a[slot].zero_()
                 group.lora_b[slot].zero_()
                 group.ranks[slot].zero_()
                 group.scales[slot].zero_()
+                self._held[layer][name][slot] = [0] * len(LORA_GROUPS[name])
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:

@@ -1,0 +1,80 @@
+"""LoraSlots.write: replacing the adapter in a slot leaves exactly what writing the new one into
+an empty slot leaves (zeros past its ranks and in the slices it does not target), and
+`clear` empties a slot."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from checkpoints import save_random_adapter
+from loraplex.adapters_registry import load_adapter_dir
+from loraplex.platform import ModelSpec
+from loraplex.platform.lora_slots import LoraSlots
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_models, tmp_path_factory):
+    model_dir = tiny_models["llama2"]
+    spec = ModelSpec.from_dir(model_dir)
+    root = tmp_path_factory.mktemp("slot-adapters")
+    made = {
+        "r16_all": save_random_adapter(model_dir, root / "a", 16, ALL, seed=1),
+        "r4_qv": save_random_adapter(
+            model_dir, root / "b", 4, ["q_proj", "v_proj"], seed=2
+        ),
+        "r8_mlp": save_random_adapter(
+            model_dir, root / "c", 8, ["gate_proj", "down_proj"], seed=3
+        ),
+    }
+    return spec, {k: load_adapter_dir(p, spec, 16) for k, p in made.items()}
+
+
+def snapshot(slots: LoraSlots, slot: int) -> list[torch.Tensor]:
+    return [
+        t[slot].clone()
+        for groups in slots.layers
+        for g in groups.values()
+        for t in (g.lora_a, g.lora_b, g.ranks, g.scales)
+    ]
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        ("r16_all", "r4_qv"),  # lower ranks, fewer targets
+        ("r4_qv", "r16_all"),  # higher
+        ("r16_all", "r8_mlp", "r4_qv"),
+        ("r8_mlp", "r8_mlp"),  # the same ranks: nothing to zero
+    ],
+)
+def test_a_replaced_adapter_leaves_what_a_fresh_write_leaves(adapters, order):
+    spec, weights = adapters
+    used = LoraSlots(spec, 3, 16, torch.float32, torch.device("cpu"))
+    used.write(1, weights["r16_all"])  # a neighbour that must not change
+    neighbour = snapshot(used, 1)
+    for name in order:
+        used.write(2, weights[name])
+    fresh = LoraSlots(spec, 3, 16, torch.float32, torch.device("cpu"))
+    fresh.write(2, weights[order[-1]])
+    for got, expected in zip(snapshot(used, 2), snapshot(fresh, 2), strict=True):
+        assert torch.equal(got, expected)
+    assert all(
+        torch.equal(a, b) for a, b in zip(snapshot(used, 1), neighbour, strict=True)
+    )
+    assert any(t.abs().sum() > 0 for t in snapshot(used, 2))
+
+
+def test_clear_then_write_and_clear_empties(adapters):
+    spec, weights = adapters
+    slots = LoraSlots(spec, 2, 16, torch.float32, torch.device("cpu"))
+    slots.write(0, weights["r16_all"])
+    slots.clear(0)
+    assert all(t.abs().sum() == 0 for t in snapshot(slots, 0))
+    slots.write(0, weights["r4_qv"])
+    fresh = LoraSlots(spec, 2, 16, torch.float32, torch.device("cpu"))
+    fresh.write(0, weights["r4_qv"])
+    for got, expected in zip(snapshot(slots, 0), snapshot(fresh, 0), strict=True):
+        assert torch.equal(got, expected)
