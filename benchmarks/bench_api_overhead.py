@@ -16,8 +16,11 @@ host work plus any time spent waiting for the GIL), how many prefill steps the C
 engine thread spent handing outputs to the streams. A server that keeps up shows TPOT near --step-ms at every C; one whose
 event loop cannot keep up shows TPOT and the step's wall time growing with C.
 
-Shapes are the tiny smoke model's (the forward is faked, so they only set the vocabulary and
-adapter sizes); adapters are rank 16 over all seven linears. The client runs in this process.
+Shapes are the tiny smoke model's, or with --layers N the Llama-3.1-8B widths over N layers
+(the forward is faked, so they set the vocabulary and the adapters' size: 2.6 MB a layer);
+adapters are rank 16 over all seven linears, drawn uniformly. With --slots below --adapters the
+pool evicts and loads (columns "calls": the engine thread's share in slot writes and other calls
+between steps; "loads": slot writes). The client runs in this process.
 JSON goes to DIR/bench_api_overhead-<host>-<date>.json; a table is printed last.
 """
 
@@ -34,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_serve_setup import SMOKE, register, write_model_dir
+from bench_serve_setup import LLAMA_8B, SMOKE, register, write_model_dir
 from loraplex.loadgen import (
     BenchConfig,
     LengthDist,
@@ -59,6 +62,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--adapters", type=int, default=8, help="rank-16 adapters named")
+    p.add_argument(
+        "--slots", type=int, default=0, help="GPU adapter slots (default: --adapters)"
+    )
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=0,
+        help="Llama-3.1-8B widths with this many layers (adapters of real per-layer size; "
+        "default: the tiny smoke model)",
+    )
     p.add_argument("--serve-args", default="", help="more `loraplex serve` options")
     return p.parse_args(argv)
 
@@ -78,8 +91,18 @@ def engine_moved(before: dict, after: dict, seconds: float) -> dict:
         count = moved("loraplex_engine_steps_total", ("kind", kind))
         wall = moved("loraplex_engine_step_seconds_total", ("kind", kind))
         steps[kind] = {"steps": count, "mean_ms": 1e3 * wall / count if count else None}
-    dispatch = moved("loraplex_engine_thread_seconds_total", ("activity", "dispatch"))
-    return {"steps": steps, "dispatch_share": dispatch / seconds}
+    shares = {
+        activity: moved("loraplex_engine_thread_seconds_total", ("activity", activity))
+        / seconds
+        for activity in ("dispatch", "calls", "idle")
+    }
+    loads = moved("loraplex_adapter_loads_total", ("move", "slot_write"))
+    return {
+        "steps": steps,
+        "dispatch_share": shares["dispatch"],
+        "thread_shares": shares,
+        "slot_loads": loads,
+    }
 
 
 def run_streams(args, server: ServerProcess, key: str, streams: int) -> dict:
@@ -88,7 +111,7 @@ def run_streams(args, server: ServerProcess, key: str, streams: int) -> dict:
         adapters=tuple(adapter_names("bench-", args.adapters)),
         prompt_len=LengthDist("fixed", args.prompt_len),
         output_len=LengthDist("fixed", args.output_len),
-        vocab_size=SMOKE["vocab_size"],
+        vocab_size=args.shapes["vocab_size"],
         seed=streams,
     )
     config = BenchConfig(
@@ -121,7 +144,8 @@ def table(rows: list[dict], step_ms: float) -> str:
     ideal = f"faked GPU step {step_ms} ms: an ideal server has TPOT and steps of {step_ms} ms"
     header = (
         f"{'C':>5} {'tok/s':>7} {'TTFT p50':>9} {'TPOT p50':>9} {'p90':>6}"
-        f" {'decode step':>12} {'prefill steps':>17} {'dispatch':>9}  errors"
+        f" {'decode step':>12} {'prefill steps':>17} {'dispatch':>9} {'calls':>6}"
+        f" {'loads':>6}  errors"
     )
     lines = [ideal, header]
     for r in rows:
@@ -132,7 +156,9 @@ def table(rows: list[dict], step_ms: float) -> str:
             f" {r['tpot_ms']['p50']:9.2f} {r['tpot_ms']['p90']:6.2f}"
             f" {decode['mean_ms'] or 0:9.2f} ms"
             f" {prefill['steps']:4.0f} x {prefill['mean_ms'] or 0:6.2f} ms"
-            f" {100 * r['engine']['dispatch_share']:8.1f}%  {r['errors'] or 0}"
+            f" {100 * r['engine']['dispatch_share']:8.1f}%"
+            f" {100 * r['engine']['thread_shares']['calls']:5.1f}%"
+            f" {r['engine']['slot_loads']:6.0f}  {r['errors'] or 0}"
         )
     return "\n".join(lines)
 
@@ -142,14 +168,18 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     streams = [int(c) for c in args.streams.split(",")]
     root = Path(tempfile.mkdtemp(prefix="bench_api_overhead-"))
-    model_dir = write_model_dir(root / "model", SMOKE)
+    args.shapes = SMOKE
+    if args.layers:
+        args.shapes = {**LLAMA_8B, "num_hidden_layers": args.layers, "vocab_size": 512}
+    model_dir = write_model_dir(root / "model", args.shapes)
     reg = register(root / "data", model_dir, {"t": args.adapters}, 16, args.adapters)
     os.environ["LORAPLEX_BENCH_FAKE_STEP_MS"] = str(args.step_ms)
     os.environ["PYTHONPATH"] = os.pathsep.join(
         [str(FAKE_STEP), os.environ.get("PYTHONPATH", "")]
     )
     options = {
-        "--max-loras": args.adapters,
+        "--max-loras": args.slots or args.adapters,
+        "--max-cpu-loras": args.adapters,
         "--max-lora-rank": 16,
         "--max-num-seqs": max(streams),
         "--max-queued-requests": 4096,
