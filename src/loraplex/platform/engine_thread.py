@@ -125,9 +125,9 @@ class EngineThread:
                 outputs = self.engine.step()
                 dispatching = time.perf_counter()
                 self._dispatch(outputs)
+                times.record_thread("dispatch", time.perf_counter() - dispatching)
                 self.steps += 1
                 self._stats = self.engine.stats()
-                times.record_thread("dispatch", time.perf_counter() - dispatching)
         except (
             BaseException
         ) as exc:  # a failed step leaves the engine in an unknown state

@@ -47,7 +47,7 @@ class ModelRunner:
         tp: TensorParallel = SINGLE,
     ) -> None:
         self.model = model
-        self.last_step_kind = "decode_eager"  # step_times.step_kind of the last forward
+        self.last_step_kind = "decode_eager"  # the last forward's, one of STEP_KINDS
         self.peers = None  # rank 0 of several: what sends each step to the other ranks
         spec = shard_spec(spec, tp)  # the KV cache holds this rank's KV heads
         self.config = config

@@ -62,13 +62,6 @@ class StepTimes:
         return dict(self.steps), dict(self.thread_seconds)
 
 
-def step_kind(has_prefill: bool, replayed: bool) -> str:
-    """The kind of a step from what it held and how it ran."""
-    if has_prefill:
-        return "prefill"
-    return "decode_graph" if replayed else "decode_eager"
-
-
 def merge_steps(*parts: dict[str, StepTotals]) -> dict[str, StepTotals]:
     """Totals of several engines (replicas), kind by kind."""
     out: dict[str, StepTotals] = {}
