@@ -81,6 +81,16 @@ def test_overview_tenants_and_pool_show_a_request(ui_server, admin, demo_assets)
     assert overview["latency_since_start"]["ttft_p50_ms"] is not None
     assert overview["tokens_per_s"] is not None and overview["tokens_per_s"] > 0
     assert len(overview["series"]["t"]) >= 2
+    # The chat ran at least one prefill step and decode steps (eager on the CPU) in the minute.
+    steps = {k["kind"]: k for k in overview["engine_time"]["steps"]}
+    assert steps["prefill"]["steps"] >= 1 and steps["decode_eager"]["steps"] >= 1
+    assert 0 < steps["prefill"]["mean_ms"] and 0 < steps["prefill"]["share"] < 1
+    assert set(overview["engine_time"]["outside_steps"]) == {
+        "calls",
+        "dispatch",
+        "idle",
+    }
+    assert "Engine time, last minute" in client.get("/admin/overview").text
     usage = next(
         t for t in client.get("/admin/tenants.json").json()["tenants"] if t["id"] == tid
     )["usage"]

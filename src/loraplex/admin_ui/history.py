@@ -92,6 +92,35 @@ def tokens_per_s(points: list[Point], i: int, window_s: float = RATE_WINDOW_S):
     return round(delta / seconds, 2)
 
 
+def engine_time(
+    points: list[Point], i: int, window_s: float = LATENCY_WINDOW_S
+) -> dict:
+    """Where the engine thread's time went over the window ending at points[i]: per kind of
+    step its count, mean wall ms and share of the window; and the shares outside steps."""
+    now, base = points[i].reading, _base(points, i, window_s).reading
+    seconds = points[i].at - _base(points, i, window_s).at
+    kinds = []
+    for kind, count in sorted(now.step_counts.items()):
+        steps = count - base.step_counts.get(kind, 0.0)
+        busy = now.step_seconds.get(kind, 0.0) - base.step_seconds.get(kind, 0.0)
+        if steps > 0:
+            kinds.append(
+                {
+                    "kind": kind,
+                    "steps": int(steps),
+                    "mean_ms": _ms(busy / steps),
+                    "share": round(busy / seconds, 4) if seconds > 0 else None,
+                }
+            )
+    outside = {
+        activity: round((value - base.thread_seconds.get(activity, 0.0)) / seconds, 4)
+        if seconds > 0
+        else None
+        for activity, value in sorted(now.thread_seconds.items())
+    }
+    return {"window_s": round(seconds, 1), "steps": kinds, "outside_steps": outside}
+
+
 def series(points: list[Point]) -> dict:
     """Chart data: one list per measure, aligned on `t` (seconds before the newest point)."""
     out: dict[str, list] = {

@@ -32,6 +32,9 @@ class MetricsReading:
     rejections: dict[str, float] = field(default_factory=dict)  # reason → n
     tenant_requests: dict[str, float] = field(default_factory=dict)  # tenant id → n
     tenant_tokens: dict[str, float] = field(default_factory=dict)  # tenant id → n
+    step_counts: dict[str, float] = field(default_factory=dict)  # kind of step → n
+    step_seconds: dict[str, float] = field(default_factory=dict)  # kind of step → s
+    thread_seconds: dict[str, float] = field(default_factory=dict)  # activity → s
 
 
 def _histogram(samples: list[tuple[str, dict, float]], name: str) -> Buckets:
@@ -73,6 +76,9 @@ def read_metrics(registry: CollectorRegistry) -> MetricsReading:
         rejections=by("loraplex_rejections_total", "reason"),
         tenant_requests=by("loraplex_tenant_requests_total", "tenant"),
         tenant_tokens=by("loraplex_tenant_tokens_total", "tenant"),
+        step_counts=by("loraplex_engine_steps_total", "kind"),
+        step_seconds=by("loraplex_engine_step_seconds_total", "kind"),
+        thread_seconds=by("loraplex_engine_thread_seconds_total", "activity"),
     )
 
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from loraplex.adapters_registry import views
 from loraplex.adapters_registry.migrations import ADAPTER_STATES, EVENT_KINDS
 
-from .history import History, latency, series, tokens_per_s
+from .history import History, engine_time, latency, series, tokens_per_s
 from .metrics_read import quantile, read_metrics
 from .state import AdminUiState
 
@@ -61,6 +61,7 @@ def overview(state: AdminUiState, history: History) -> dict:
         "generated_tokens": now.generation_tokens,
         "prompt_tokens": now.prompt_tokens,
         "latency": latency(points, last),  # the last minute
+        "engine_time": engine_time(points, last),  # the last minute
         "latency_since_start": {
             "ttft_p50_ms": _ms(quantile(0.5, now.ttft)),
             "ttft_p99_ms": _ms(quantile(0.99, now.ttft)),
