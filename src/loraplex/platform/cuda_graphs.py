@@ -18,7 +18,7 @@ CPU tests check exactly what a replay computes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +40,34 @@ def default_buckets(max_num_seqs: int) -> tuple[int, ...]:
     sizes = [1, 2, 4, *range(8, 65, 8), *range(80, max(max_num_seqs, 80) + 16, 16)]
     capped = sorted({min(s, max_num_seqs) for s in sizes})
     return tuple(capped)
+
+
+def capture_graphs(
+    model: torch.nn.Module,
+    kv_cache: KVCache,
+    buckets: Sequence[int],
+    variants: Sequence[bool],
+    padded_inputs: Callable[[int, bool], ForwardInputs],
+    pool=None,
+) -> dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]]:
+    """One CUDA graph of the model's forward per (bucket, LoRA on/off), largest bucket first so
+    that smaller ones reuse its memory; `padded_inputs(bucket, use_lora)` fills the static
+    buffers with padding and returns them as inputs. Each is run twice first (Triton compiles,
+    allocators warm). Returns each graph with its output logits tensor."""
+    pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+    graphs = {}
+    for bucket in sorted(buckets, reverse=True):
+        for use_lora in variants:
+            inputs = padded_inputs(bucket, use_lora)
+            for _ in range(2):
+                model(inputs, kv_cache)
+            torch.cuda.synchronize(kv_cache.tensor.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = model(inputs, kv_cache)
+            graphs[(bucket, use_lora)] = (graph, logits)
+    torch.cuda.synchronize(kv_cache.tensor.device)
+    return graphs
 
 
 class DecodeGraphs:
@@ -209,27 +237,21 @@ class DecodeGraphs:
         )
 
     def _capture_all(self, pool) -> None:
-        """Capture every (bucket, LoRA) graph, largest first so smaller ones reuse its memory."""
-        pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+        """Capture every (bucket, LoRA) graph over padding rows everywhere (nothing is written
+        to the KV cache while capturing)."""
         variants = (True, False) if self.lora_buffers is not None else (False,)
-        for bucket in reversed(self.buckets):
-            for use_lora in variants:
-                # Padding rows everywhere: nothing is written to the KV cache while capturing.
-                self._fill_padding(bucket, use_lora)
-                inputs = self._inputs(bucket, use_lora)
-                for _ in range(2):  # compile Triton kernels and warm allocators first
-                    self.model(inputs, self.kv_cache)
-                torch.cuda.synchronize(self.device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    logits = self.model(inputs, self.kv_cache)
-                self._graphs[(bucket, use_lora)] = (graph, logits)
-        torch.cuda.synchronize(self.device)
+        self._graphs = capture_graphs(
+            self.model, self.kv_cache, self.buckets, variants, self._padded_inputs, pool
+        )
         log.info(
             "captured %d CUDA graphs for decode batch sizes %s",
             len(self._graphs),
             ",".join(map(str, self.buckets)),
         )
+
+    def _padded_inputs(self, bucket: int, use_lora: bool) -> ForwardInputs:
+        self._fill_padding(bucket, use_lora)
+        return self._inputs(bucket, use_lora)
 
     def _fill_padding(self, bucket: int, use_lora: bool) -> None:
         self._row_tables = [None] * self.max_batch  # the host copy no longer matches

@@ -31,6 +31,7 @@ import torch
 from loraplex.kernels.sgmv import LoraSegmentBuffers
 
 from .batch import ScheduledBatch
+from .cuda_graphs import capture_graphs
 from .inputs import ForwardInputs
 from .kv_cache import KVCache
 
@@ -187,26 +188,19 @@ class MixedGraphs:
         )
 
     def _capture_all(self, pool) -> None:
-        """Capture every (bucket, LoRA) graph, largest first so smaller ones reuse its memory."""
-        pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         variants = (True, False) if self.lora_buffers is not None else (False,)
-        for bucket in reversed(self.buckets):
-            for use_lora in variants:
-                self._fill_padding(bucket, use_lora)
-                inputs = self._inputs(bucket, use_lora)
-                for _ in range(2):  # compile Triton kernels and warm allocators first
-                    self.model(inputs, self.kv_cache)
-                torch.cuda.synchronize(self.device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    logits = self.model(inputs, self.kv_cache)
-                self._graphs[(bucket, use_lora)] = (graph, logits)
-        torch.cuda.synchronize(self.device)
+        self._graphs = capture_graphs(
+            self.model, self.kv_cache, self.buckets, variants, self._padded_inputs, pool
+        )
         log.info(
             "captured %d CUDA graphs for steps with prompt chunks of up to %s tokens",
             len(self._graphs),
             ",".join(map(str, self.buckets)),
         )
+
+    def _padded_inputs(self, bucket: int, use_lora: bool) -> ForwardInputs:
+        self._fill_padding(bucket, use_lora)
+        return self._inputs(bucket, use_lora)
 
     def _fill_padding(self, bucket: int, use_lora: bool) -> None:
         """Every token padding (nothing is written to the KV cache while capturing)."""
