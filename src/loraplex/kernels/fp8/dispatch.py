@@ -60,59 +60,56 @@ SCALED_MM = GemmChoice("scaled_mm")
 
 # capability → (N, K) → {M bucket: choice}: the Llama-3.1-8B linears (qkv 4096→6144, o
 # 4096→4096, gate_up 4096→28672, down 14336→4096) on Hopper (H100 and H200 share sm_90 and 132
-# SMs). The fastest of `_scaled_mm`, the Triton W8A8 tiles and the weight-only kernel of gemv.py
-# per bucket, measured by `benchmarks/bench_fp8.py --quick` on an H100 (2026-11-27, commit
-# 2afd98a; results in benchmarks/results/bench_fp8-h100-2026-11-27.json). `_scaled_mm` timings
-# varied up to 10x between runs on that host at decode sizes; the weight-only kernel's did not.
-# Bucket 64 is the exception: eager timings there include the Triton kernels' Python launch
-# (~20-30 µs), and inside the engine's CUDA graphs the weight-only kernel made a B=64 decode step
-# slower (9.9 ms) than `_scaled_mm` and the W8A8 Triton tiles (8.1 ms, commit e0ca7d9), so
-# bucket 64 keeps those.
+# SMs). The fastest of `_scaled_mm`, the Triton W8A8 tiles, the weight-only kernels of gemv.py
+# and splitk.py per bucket, each timed replayed in a CUDA graph (what the engine runs) with the
+# weights rotated past L2, by `benchmarks/bench_fp8.py --quick --shapes 8b` on an H200
+# (2026-11-27, commit ba4ecf8; benchmarks/results/bench_fp8-h200-2026-11-27.json). Buckets
+# 128 and 256 are eager timings (no graph holds them).
 TABLE: dict[tuple[int, int], dict[tuple[int, int], dict[int, str]]] = {
     (9, 0): {
         (6144, 4096): {  # qkv
-            1: "gemv 8x1024/st4",
-            2: "gemv 16x1024/st4",
-            4: "scaled_mm",
-            8: "gemv 32x256/st4",
-            16: "gemv 32x256/st4",
-            32: "gemv 16x256/st4",
-            64: "scaled_mm",  # engine-measured, see above
-            128: "scaled_mm",
-            256: "scaled_mm",
+            1: "splitk 8x512/s1/w4/st3",  # 9.6 µs graph, 62% of copy
+            2: "splitk 8x512/s1/w4/st3",  # 12.7 µs graph, 47% of copy
+            4: "splitk 64x128/s8/w4/st3/mma",  # 14.8 µs graph, 40% of copy
+            8: "splitk 64x128/s8/w4/st3/mma",  # 14.8 µs graph, 40% of copy
+            16: "gemv 32x256/st4",  # 15.7 µs graph, 38% of copy
+            32: "scaled_mm",  # 17.5 µs graph, 34% of copy
+            64: "scaled_mm",  # 16.6 µs graph, 36% of copy
+            128: "scaled_mm",  # 123.6 µs eager, 5% of copy
+            256: "scaled_mm",  # 114.7 µs eager, 5% of copy
         },
         (4096, 4096): {  # o
-            1: "gemv 4x1024/st4",
-            2: "gemv 8x1024/st4",
-            4: "gemv 8x1024/st4",
-            8: "gemv 32x256/st4",
-            16: "gemv 32x256/st4",
-            32: "gemv 16x256/st4",
-            64: "scaled_mm",  # engine-measured, see above
-            128: "scaled_mm",
-            256: "scaled_mm",
+            1: "splitk 8x512/s2/w4/st3",  # 9.7 µs graph, 41% of copy
+            2: "splitk 8x512/s2/w4/st3",  # 11.4 µs graph, 35% of copy
+            4: "splitk 64x128/s16/w4/st3/mma",  # 12.4 µs graph, 32% of copy
+            8: "gemv 32x256/st4",  # 12.4 µs graph, 32% of copy
+            16: "gemv 32x256/st4",  # 12.3 µs graph, 32% of copy
+            32: "gemv 16x256/st4",  # 15.1 µs graph, 26% of copy
+            64: "scaled_mm",  # 15.9 µs graph, 25% of copy
+            128: "scaled_mm",  # 91.2 µs eager, 4% of copy
+            256: "scaled_mm",  # 127.7 µs eager, 3% of copy
         },
         (28672, 4096): {  # gate_up
-            1: "gemv 8x1024/st4",
-            2: "gemv 8x1024/st4",
-            4: "gemv 8x1024/st4",
-            8: "gemv 32x128/st4",
-            16: "gemv 32x128/st4",
-            32: "gemv 64x128/st4",
-            64: "scaled_mm",  # engine-measured, see above
-            128: "scaled_mm",
-            256: "scaled_mm",
+            1: "splitk 16x256/s1/w4/st3",  # 32.0 µs graph, 87% of copy
+            2: "triton 16x64x256/s1/w4/st4",  # 35.4 µs graph, 78% of copy
+            4: "triton 16x64x256/s1/w4/st4",  # 35.7 µs graph, 77% of copy
+            8: "triton 16x64x256/s1/w4/st4",  # 35.8 µs graph, 77% of copy
+            16: "triton 16x64x256/s1/w4/st4",  # 36.3 µs graph, 76% of copy
+            32: "triton 32x64x256/s1/w4/st4",  # 37.4 µs graph, 74% of copy
+            64: "triton 64x64x128/s1/w4/st4",  # 44.7 µs graph, 62% of copy
+            128: "scaled_mm",  # 48.1 µs eager, 58% of copy
+            256: "scaled_mm",  # 159.5 µs eager, 17% of copy
         },
         (4096, 14336): {  # down
-            1: "gemv 4x1024/st4",
-            2: "gemv 8x1024/st4",
-            4: "scaled_mm",
-            8: "gemv 32x256/st4",
-            16: "gemv 32x256/st4",
-            32: "gemv 16x256/st4",
-            64: "triton 64x64x128/s8/w4/st4",  # engine-measured, see above
-            128: "scaled_mm",
-            256: "scaled_mm",
+            1: "splitk 16x256/s8/w4/st3",  # 22.8 µs graph, 61% of copy
+            2: "splitk 16x256/s4/w4/st3",  # 25.1 µs graph, 55% of copy
+            4: "triton 16x64x256/s8/w4/st4",  # 27.1 µs graph, 51% of copy
+            8: "triton 16x64x256/s8/w4/st4",  # 27.2 µs graph, 51% of copy
+            16: "triton 16x64x256/s8/w4/st4",  # 27.7 µs graph, 50% of copy
+            32: "triton 32x64x256/s8/w4/st4",  # 30.1 µs graph, 46% of copy
+            64: "triton 64x64x128/s8/w4/st4",  # 37.5 µs graph, 37% of copy
+            128: "scaled_mm",  # 113.2 µs eager, 12% of copy
+            256: "scaled_mm",  # 84.4 µs eager, 16% of copy
         },
     },
 }
