@@ -114,12 +114,12 @@ class ServeSettings(BaseSettings):
         default=False,
         description="no CUDA graphs and no torch.compile (faster start, slower decode)",
     )
-    mixed_graph_max_tokens: int = Field(
-        default=0,
+    mixed_graph_max_tokens: int | None = Field(
+        default=None,
         ge=0,
         description="steps that carry prompt chunks, of up to this many tokens, replay CUDA "
         "graphs captured for token buckets instead of launching each kernel from Python; "
-        "0: they run eagerly (the default until measured on a GPU)",
+        "0: they run eagerly; default: 4096 on one GPU, 0 under tensor parallelism",
     )
     gpu_memory_utilization: float = Field(
         default=0.9,

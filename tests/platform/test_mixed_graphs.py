@@ -104,3 +104,13 @@ def test_buckets_and_the_option():
     assert mixed_buckets(100) == (100,)
     with pytest.raises(ValueError, match="mixed_graph_max_tokens"):
         EngineConfig(model="m", mixed_graph_max_tokens=-1)
+    # The default: 4096 tokens on one GPU, capped by the step budget; off under tensor
+    # parallelism; an explicit value wins, 0 included.
+    assert EngineConfig(model="m").mixed_graph_tokens == 2048
+    assert (
+        EngineConfig(model="m", max_num_batched_tokens=8192).mixed_graph_tokens == 4096
+    )
+    assert EngineConfig(model="m", tensor_parallel_size=2).mixed_graph_tokens == 0
+    assert EngineConfig(model="m", mixed_graph_max_tokens=0).mixed_graph_tokens == 0
+    tp_on = EngineConfig(model="m", tensor_parallel_size=2, mixed_graph_max_tokens=512)
+    assert tp_on.mixed_graph_tokens == 512

@@ -57,7 +57,7 @@ class ModelRunner:
         self.max_blocks_per_seq = blocks_for(max_model_len, config.block_size)
         use_graphs = device.type == "cuda" and not config.enforce_eager
         buckets = default_buckets(config.max_num_seqs) if use_graphs else ()
-        mixed_max = min(config.mixed_graph_max_tokens, config.max_num_batched_tokens)
+        mixed_max = config.mixed_graph_tokens
         chunk_buckets = mixed_buckets(mixed_max) if use_graphs and mixed_max else ()
         graph_rows = sum(buckets) + len(chunk_buckets) * (config.max_num_seqs + 1)
         if (
