@@ -8,9 +8,10 @@ linear are stacked: for q/k/v (3 slices), o (1), gate/up (2) and down (1),
     scales  [num_slots, num_slices] float32
 An adapter of rank r < max_rank fills the first r rows of its A block and the first r columns of
 its B block; the rest of the block is zero, and the kernels read only up to r. Writing a slot
-happens between two engine steps, so it is kept to few launches: each A and B block is copied
-once, each group's ranks and scales are written as one row each, and only what the slot's last
-adapter left past the new ranks is zeroed (nothing, when both have the same ranks).
+happens between two engine steps, so it is kept short: the A and B blocks go in one foreach copy,
+the ranks and scales of all layers in one copy each from pinned memory (never a pageable copy,
+which would wait for the steps in flight), and only what the slot's last adapter left past the
+new ranks is zeroed (nothing, when both have the same ranks).
 
 Under tensor parallelism a rank's slots hold its shard of each adapter (`shard_lora_weights`):
 B split by output for the column-parallel targets, A split by input for the row-parallel ones.
@@ -34,6 +35,14 @@ LORA_GROUPS: dict[str, tuple[str, ...]] = {
 }
 # target → (its group, its slice in the group)
 _GROUP_OF = {t: (g, i) for g, ts in LORA_GROUPS.items() for i, t in enumerate(ts)}
+# target → its column in a layer's row of ranks and scales (q k v o gate up down)
+_SLICE_OF = {t: i for i, t in enumerate(t for ts in LORA_GROUPS.values() for t in ts)}
+_SLICES_PER_LAYER = len(_SLICE_OF)
+
+
+def _slice_starts() -> list[int]:
+    """Each group's first column in a layer's row of ranks and scales."""
+    return [_SLICE_OF[targets[0]] for targets in LORA_GROUPS.values()]
 
 
 @dataclass(frozen=True)
@@ -99,8 +108,8 @@ class LoraGroupSlots:
 
     lora_a: torch.Tensor  # [num_slots, num_slices * max_rank, in_features]
     lora_b: torch.Tensor  # [num_slots, out_features, max_rank]
-    ranks: torch.Tensor  # [num_slots, num_slices] int32
-    scales: torch.Tensor  # [num_slots, num_slices] float32
+    ranks: torch.Tensor  # [num_slots, num_slices] int32, a view (row stride 7)
+    scales: torch.Tensor  # [num_slots, num_slices] float32, a view (row stride 7)
     slice_offsets: tuple[int, ...]  # num_slices + 1 output offsets
 
 
@@ -122,14 +131,23 @@ class LoraSlots:
         self.local_spec = shard_spec(spec, tp)
         self.num_slots = num_slots
         self.max_rank = max_rank
+        self.device = torch.device(device)
+        # Every group's ranks and scales are views of one tensor each, [layer, slot, slice of
+        # the layer's 7], so a write sends them in one copy from pinned memory (a copy from
+        # pageable memory waits for the GPU's queue) instead of one per group and layer.
+        offsets_of = dict(zip(LORA_GROUPS, _slice_starts(), strict=True))
+        shape = (spec.num_layers, num_slots, _SLICES_PER_LAYER)
+        self._ranks = torch.zeros(shape, dtype=torch.int32, device=device)
+        self._scales = torch.zeros(shape, dtype=torch.float32, device=device)
         self.layers: list[dict[str, LoraGroupSlots]] = []
-        for _ in range(spec.num_layers):
+        for layer in range(spec.num_layers):
             groups = {}
             for group, targets in LORA_GROUPS.items():
                 in_features = self.local_spec.lora_shape(targets[0])[0]
                 outs = [self.local_spec.lora_shape(t)[1] for t in targets]
                 offsets = tuple(sum(outs[:i]) for i in range(len(outs) + 1))
                 n = len(targets)
+                first = offsets_of[group]
                 groups[group] = LoraGroupSlots(
                     lora_a=torch.zeros(
                         num_slots, n * max_rank, in_features, dtype=dtype, device=device
@@ -137,10 +155,8 @@ class LoraSlots:
                     lora_b=torch.zeros(
                         num_slots, offsets[-1], max_rank, dtype=dtype, device=device
                     ),
-                    ranks=torch.zeros(num_slots, n, dtype=torch.int32, device=device),
-                    scales=torch.zeros(
-                        num_slots, n, dtype=torch.float32, device=device
-                    ),
+                    ranks=self._ranks[layer, :, first : first + n],
+                    scales=self._scales[layer, :, first : first + n],
                     slice_offsets=offsets,
                 )
             self.layers.append(groups)
@@ -181,29 +197,38 @@ class LoraSlots:
         self._write(slot, shard)
 
     def _write(self, slot: int, weights: LoraWeights) -> None:
-        ranks: dict[tuple[int, str], list[int]] = {}
-        scales: dict[tuple[int, str], list[float]] = {}
+        num_layers = self.spec.num_layers
+        ranks = [[0] * _SLICES_PER_LAYER for _ in range(num_layers)]
+        scales = [[0.0] * _SLICES_PER_LAYER for _ in range(num_layers)]
+        targets, sources = [], []
         for (layer, target), module in weights.modules.items():
             group_name, i = _GROUP_OF[target]
             group = self.layers[layer][group_name]
             rank = module.rank
             rows = slice(i * self.max_rank, i * self.max_rank + rank)
             outs = slice(group.slice_offsets[i], group.slice_offsets[i + 1])
-            group.lora_a[slot, rows].copy_(module.lora_a, non_blocking=True)
-            group.lora_b[slot, outs, :rank].copy_(module.lora_b, non_blocking=True)
-            n = len(LORA_GROUPS[group_name])
-            ranks.setdefault((layer, group_name), [0] * n)[i] = rank
-            scales.setdefault((layer, group_name), [0.0] * n)[i] = module.scale
+            targets += [group.lora_a[slot, rows], group.lora_b[slot, outs, :rank]]
+            sources += [module.lora_a, module.lora_b]
+            ranks[layer][_SLICE_OF[target]] = rank
+            scales[layer][_SLICE_OF[target]] = module.scale
+        torch._foreach_copy_(targets, sources, non_blocking=True)
         for layer, groups in enumerate(self.layers):
             for name, group in groups.items():
-                n = len(LORA_GROUPS[name])
-                new = ranks.get((layer, name), [0] * n)
+                first = _SLICE_OF[LORA_GROUPS[name][0]]
+                new = ranks[layer][first : first + len(LORA_GROUPS[name])]
                 self._zero_past(group, slot, self._held[layer][name][slot], new)
-                group.ranks[slot].copy_(torch.tensor(new, dtype=torch.int32))
-                group.scales[slot].copy_(
-                    torch.tensor(scales.get((layer, name), [0.0] * n))
-                )
                 self._held[layer][name][slot] = new
+        self._ranks[:, slot].copy_(self._staged(ranks, torch.int32), non_blocking=True)
+        self._scales[:, slot].copy_(
+            self._staged(scales, torch.float32), non_blocking=True
+        )
+
+    def _staged(self, rows: list[list], dtype: torch.dtype) -> torch.Tensor:
+        """`rows` as a host tensor, pinned when the slots are on a GPU so that the copy does
+        not wait for the steps in flight (the caching host allocator keeps it alive until the
+        copy is done)."""
+        host = torch.tensor(rows, dtype=dtype)
+        return host.pin_memory() if self.device.type == "cuda" else host
 
     def _zero_past(
         self, group: LoraGroupSlots, slot: int, held: list[int], new: list[int]
@@ -223,9 +248,9 @@ class LoraSlots:
             for name, group in groups.items():
                 group.lora_a[slot].zero_()
                 group.lora_b[slot].zero_()
-                group.ranks[slot].zero_()
-                group.scales[slot].zero_()
                 self._held[layer][name][slot] = [0] * len(LORA_GROUPS[name])
+        self._ranks[:, slot].zero_()
+        self._scales[:, slot].zero_()
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:
