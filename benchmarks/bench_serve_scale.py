@@ -61,6 +61,7 @@ COUNTERS = (
     "loraplex_engine_steps_total",
     "loraplex_engine_step_seconds_total",
     "loraplex_engine_step_tokens_total",
+    "loraplex_engine_step_gpu_wait_seconds_total",
     "loraplex_engine_thread_seconds_total",
 )
 
@@ -208,7 +209,8 @@ def measure(server: Server, configs: list[BenchConfig]) -> tuple[list[dict], dic
 
 def step_brief(moved: dict, seconds: float) -> str:
     """Where the engine thread's time went in one phase: per kind of step its count, mean
-    wall ms and share of the phase; and the share spent handing outputs to the streams."""
+    wall ms, the host part of it (not waiting for the GPU) and its share of the phase; and
+    the share spent handing outputs to the streams."""
 
     def total(name: str, label: str) -> float:
         return sum(v for k, v in moved.items() if k.startswith(name) and label in k)
@@ -217,10 +219,11 @@ def step_brief(moved: dict, seconds: float) -> str:
     for kind in ("decode_graph", "decode_eager", "chunk_graph", "prefill"):
         steps = total("loraplex_engine_steps_total", f"kind={kind}")
         busy = total("loraplex_engine_step_seconds_total", f"kind={kind}")
+        wait = total("loraplex_engine_step_gpu_wait_seconds_total", f"kind={kind}")
         if steps:
             parts.append(
                 f"{kind} {steps:.0f} x {1e3 * busy / steps:.1f} ms"
-                f" ({100 * busy / seconds:.0f}%)"
+                f" (host {1e3 * (busy - wait) / steps:.1f}; {100 * busy / seconds:.0f}%)"
             )
     dispatch = total("loraplex_engine_thread_seconds_total", "activity=dispatch")
     parts.append(f"dispatch {100 * dispatch / seconds:.0f}%")

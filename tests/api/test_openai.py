@@ -198,6 +198,18 @@ def test_metrics_need_the_admin_key_and_count_requests(server, acme):
         text,
     )
     assert prefill and float(prefill.group(1)) >= 1
+    seconds, wait = (
+        float(
+            re.search(
+                rf'{name}\{{kind="prefill",model_name="demo-base"\}} (\S+)', text
+            ).group(1)
+        )
+        for name in (
+            "loraplex_engine_step_seconds_total",
+            "loraplex_engine_step_gpu_wait_seconds_total",
+        )
+    )
+    assert 0 <= wait < seconds  # the wait is a part of the steps' wall time
 
 
 def test_probes(server):

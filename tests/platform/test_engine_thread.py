@@ -115,5 +115,6 @@ def test_step_times_count_every_token_by_kind_and_the_thread_time(engine):
     assert steps["prefill"].tokens + steps["decode_eager"].tokens == 14 + 2 * 3
     assert steps["decode_eager"].tokens <= 6  # prefill steps may carry decodes too
     assert all(t.seconds > 0 for t in steps.values() if t.steps)
+    assert all(0 <= t.gpu_wait < t.seconds for t in steps.values() if t.steps)
     assert sum(t.steps for t in steps.values()) == thread.steps
     assert stats.thread_seconds["dispatch"] > 0 and stats.thread_seconds["calls"] > 0

@@ -30,11 +30,18 @@ def step_families(model_name: str, stats: EngineStats) -> Iterable[Metric]:
         "Tokens computed by engine steps (prompt chunks and decodes), by kind.",
         labels=labels,
     )
+    waits = CounterMetricFamily(
+        "loraplex_engine_step_gpu_wait_seconds",
+        "Seconds of engine steps spent waiting for their sampled tokens (the GPU still "
+        "running), by kind; the rest of a step's seconds is host work.",
+        labels=labels,
+    )
     for kind in STEP_KINDS:
         totals = stats.step_totals.get(kind, StepTotals())
         steps.add_metric([model_name, kind], totals.steps)
         seconds.add_metric([model_name, kind], totals.seconds)
         tokens.add_metric([model_name, kind], totals.tokens)
+        waits.add_metric([model_name, kind], totals.gpu_wait)
     thread = CounterMetricFamily(
         "loraplex_engine_thread_seconds",
         "Engine-thread seconds outside steps: dispatch (outputs to their streams), "
@@ -45,4 +52,4 @@ def step_families(model_name: str, stats: EngineStats) -> Iterable[Metric]:
         thread.add_metric(
             [model_name, activity], stats.thread_seconds.get(activity, 0.0)
         )
-    yield from (steps, seconds, tokens, thread)
+    yield from (steps, seconds, tokens, waits, thread)

@@ -22,7 +22,7 @@ from .outputs import OutputProcessor, RequestOutput
 from .parallel import SINGLE, check_shardable
 from .prefix_cache import PrefixScope, cache_root, engine_identity
 from .request import FinishReason, Request, SamplingParams
-from .sampler import Sampler
+from .sampler import HostSamples, Sampler
 from .scheduler import Scheduler
 from .step_times import StepTimes, StepTotals
 from .tp_workers import TensorParallelWorkers, WorkerArgs, rank_device
@@ -144,13 +144,20 @@ class Engine:
         if batch.is_empty:
             return self._take_finished([])
         logits = self.runner.forward(batch)  # a decode graph's replay or an eager pass
-        sampling_seqs = batch.sampling_sequences
-        sampled = self.sampler.sample(logits, self.sampler.prepare(sampling_seqs))
-        host = self.sampler.to_host(sampled, sampling_seqs)
+        host, waited = self._sample(logits, batch.sampling_sequences)
         updates = self.scheduler.update(batch, host.tokens)
         outputs = self._take_finished(self.outputs.process(updates, host.logprobs))
-        self.step_times.record(self.runner.last_step_kind, started, batch.num_tokens)
+        kind = self.runner.last_step_kind
+        self.step_times.record(kind, started, batch.num_tokens, waited)
         return outputs
+
+    def _sample(self, logits: torch.Tensor, seqs: list) -> tuple[HostSamples, float]:
+        """The sampled tokens on the host, and the seconds spent waiting for them: the
+        step's one device→host copy, where the host waits for whatever the GPU still runs."""
+        sampled = self.sampler.sample(logits, self.sampler.prepare(seqs))
+        before = time.perf_counter()
+        host = self.sampler.to_host(sampled, seqs)
+        return host, time.perf_counter() - before
 
     def add_request(
         self,

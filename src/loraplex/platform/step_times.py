@@ -10,6 +10,9 @@ Kinds of step:
 - "decode_eager": decode tokens only, run eagerly (no graphs, or a batch above every bucket);
 - "chunk_graph": at least one prompt chunk, replayed from a CUDA graph (mixed_graphs.py);
 - "prefill": at least one prompt chunk (with or without decodes), run eagerly.
+Of each step's wall time, `gpu_wait` is the part spent waiting for its sampled tokens (the one
+device→host copy, where the host waits for what the GPU still runs); the rest is host work
+(schedule, input fill, launches, sampler, outputs). A kind whose steps wait little is host-bound.
 Thread activities outside steps: "dispatch" (handing outputs to their callbacks), "calls"
 (requests, aborts and slot writes run between steps), "idle" (waiting for work).
 """
@@ -25,17 +28,20 @@ THREAD_ACTIVITIES = ("dispatch", "calls", "idle")
 
 @dataclass(frozen=True)
 class StepTotals:
-    """One kind of step since start: how many, their wall seconds, their scheduled tokens."""
+    """One kind of step since start: how many, their wall seconds, their scheduled tokens,
+    and the seconds of those walls spent waiting for the sampled tokens."""
 
     steps: int = 0
     seconds: float = 0.0
     tokens: int = 0
+    gpu_wait: float = 0.0
 
     def __add__(self, other: StepTotals) -> StepTotals:
         return StepTotals(
             self.steps + other.steps,
             self.seconds + other.seconds,
             self.tokens + other.tokens,
+            self.gpu_wait + other.gpu_wait,
         )
 
 
@@ -50,10 +56,13 @@ class StepTimes:
         default_factory=lambda: dict.fromkeys(THREAD_ACTIVITIES, 0.0)
     )
 
-    def record(self, kind: str, started: float, tokens: int) -> None:
-        """One step of `kind` that began at perf_counter() `started` and ends now."""
+    def record(
+        self, kind: str, started: float, tokens: int, gpu_wait: float = 0.0
+    ) -> None:
+        """One step of `kind` that began at perf_counter() `started` and ends now, of which
+        `gpu_wait` seconds went waiting for its sampled tokens."""
         seconds = time.perf_counter() - started
-        self.steps[kind] = self.steps[kind] + StepTotals(1, seconds, tokens)
+        self.steps[kind] = self.steps[kind] + StepTotals(1, seconds, tokens, gpu_wait)
 
     def record_thread(self, activity: str, seconds: float) -> None:
         self.thread_seconds[activity] += seconds
