@@ -62,6 +62,8 @@ COUNTERS = (
     "loraplex_engine_step_seconds_total",
     "loraplex_engine_step_tokens_total",
     "loraplex_engine_step_gpu_wait_seconds_total",
+    "loraplex_adapter_load_seconds_sum",
+    "loraplex_adapter_load_seconds_count",
     "loraplex_engine_thread_seconds_total",
 )
 
@@ -203,8 +205,31 @@ def measure(server: Server, configs: list[BenchConfig]) -> tuple[list[dict], dic
         k: after[k] - before.get(k, 0.0) for k in after if after[k] != before.get(k)
     }
     print(step_brief(moved, seconds), flush=True)
+    if loads := load_brief(moved):
+        print(loads, flush=True)
     moved["phase_seconds"] = seconds
     return [r.summary for r in results], moved
+
+
+def load_brief(moved: dict) -> str:
+    """The adapter moves of one phase: per move, how many and their mean ms (disk_to_host on
+    a loader thread, host_to_device on the pool's stream, slot_write on the engine thread)."""
+    parts = []
+    for move in ("disk_to_host", "host_to_device", "slot_write"):
+        label = f"move={move}"
+        count = sum(
+            v
+            for k, v in moved.items()
+            if k.startswith("loraplex_adapter_load_seconds_count") and label in k
+        )
+        total = sum(
+            v
+            for k, v in moved.items()
+            if k.startswith("loraplex_adapter_load_seconds_sum") and label in k
+        )
+        if count:
+            parts.append(f"{move} {count:.0f} x {1e3 * total / count:.1f} ms")
+    return "loads: " + ", ".join(parts) if parts else ""
 
 
 def step_brief(moved: dict, seconds: float) -> str:
