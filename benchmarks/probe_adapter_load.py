@@ -5,7 +5,9 @@ of a server, on the host alone (no GPU needed).
 
 - disk → host (`AdapterRegistry.load_weights`: read, sha256, validation) and `pack`, timed; while
   they run, a thread that sleeps 1 ms at a time records how late it wakes: the longest delay is
-  the longest stretch the loads held the GIL, which an engine thread would wait the same way;
+  the longest stretch the loads held the GIL, which an engine thread would wait the same way
+  (after each GPU sync); the mean is what such a wait costs on average. `--switch-interval-ms`
+  sets how long Python lets one thread keep the GIL while another waits (default 5 ms);
 - `LoraSlots.write` of the adapter into a slot: wall time and the torch ops it dispatches (each a
   launch or more on a GPU; counted with a TorchDispatchMode, bf16 slots on the CPU).
 JSON to DIR/probe_adapter_load-cpu-<date>.json.
@@ -57,7 +59,15 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--loads", type=int, default=5)
+    parser.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=None,
+        help="sys.setswitchinterval for the run (Python's default: 5 ms)",
+    )
     args = parser.parse_args(argv)
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1e3)
     root = Path(tempfile.mkdtemp(prefix="probe_adapter_load-"))
     model = write_model_dir(root / "model", LLAMA_8B)
     spec = ModelSpec.from_dir(model)
@@ -113,6 +123,8 @@ def main(argv=None) -> None:
         "sleeper_idle_max_ms": 1e3 * max(idle),
         "sleeper_during_loads_max_ms": 1e3 * max(delays),
         "sleeper_during_loads_mean_ms": 1e3 * statistics.mean(delays),
+        "sleeper_during_loads_p90_ms": 1e3 * statistics.quantiles(delays, n=10)[-1],
+        "switch_interval_ms": 1e3 * sys.getswitchinterval(),
         "slot_writes": writes,
         "meta": {"commit": git_commit(), "date": datetime.date.today().isoformat()},
     }
