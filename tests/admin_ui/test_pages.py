@@ -85,6 +85,7 @@ def test_overview_tenants_and_pool_show_a_request(ui_server, admin, demo_assets)
     steps = {k["kind"]: k for k in overview["engine_time"]["steps"]}
     assert steps["prefill"]["steps"] >= 1 and steps["decode_eager"]["steps"] >= 1
     assert 0 < steps["prefill"]["mean_ms"] and 0 < steps["prefill"]["share"] < 1
+    assert 0 < steps["prefill"]["host_ms"] <= steps["prefill"]["mean_ms"]
     assert set(overview["engine_time"]["outside_steps"]) == {
         "calls",
         "dispatch",

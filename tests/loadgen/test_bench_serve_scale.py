@@ -32,7 +32,11 @@ def test_smoke_run_writes_every_figure(tmp_path):
     # decodes ran prefill and (eager, CPU) decode steps within the phase's wall time.
     steps = [v for k, v in six.items() if k.startswith("loraplex_engine_steps_total")]
     assert sum(steps) > 0 and six["phase_seconds"] > 0
-    assert "steps: " in done.stdout and "dispatch" in done.stdout and "host " in done.stdout
+    assert (
+        "steps: " in done.stdout
+        and "dispatch" in done.stdout
+        and "host " in done.stdout
+    )
     # ... and where its adapter loads' time went, by move, slot writes included.
     assert six.get("loraplex_adapter_load_seconds_count{move=slot_write}", 0) > 0
     assert "loads: " in done.stdout and "slot_write" in done.stdout

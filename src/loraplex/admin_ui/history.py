@@ -96,19 +96,22 @@ def engine_time(
     points: list[Point], i: int, window_s: float = LATENCY_WINDOW_S
 ) -> dict:
     """Where the engine thread's time went over the window ending at points[i]: per kind of
-    step its count, mean wall ms and share of the window; and the shares outside steps."""
+    step its count, mean wall ms, the host part of it (not waiting for the GPU) and share of
+    the window; and the shares outside steps."""
     now, base = points[i].reading, _base(points, i, window_s).reading
     seconds = points[i].at - _base(points, i, window_s).at
     kinds = []
     for kind, count in sorted(now.step_counts.items()):
         steps = count - base.step_counts.get(kind, 0.0)
         busy = now.step_seconds.get(kind, 0.0) - base.step_seconds.get(kind, 0.0)
+        wait = now.step_gpu_wait.get(kind, 0.0) - base.step_gpu_wait.get(kind, 0.0)
         if steps > 0:
             kinds.append(
                 {
                     "kind": kind,
                     "steps": int(steps),
                     "mean_ms": _ms(busy / steps),
+                    "host_ms": _ms((busy - wait) / steps),
                     "share": round(busy / seconds, 4) if seconds > 0 else None,
                 }
             )

@@ -34,6 +34,7 @@ class MetricsReading:
     tenant_tokens: dict[str, float] = field(default_factory=dict)  # tenant id → n
     step_counts: dict[str, float] = field(default_factory=dict)  # kind of step → n
     step_seconds: dict[str, float] = field(default_factory=dict)  # kind of step → s
+    step_gpu_wait: dict[str, float] = field(default_factory=dict)  # kind of step → s
     thread_seconds: dict[str, float] = field(default_factory=dict)  # activity → s
 
 
@@ -78,6 +79,7 @@ def read_metrics(registry: CollectorRegistry) -> MetricsReading:
         tenant_tokens=by("loraplex_tenant_tokens_total", "tenant"),
         step_counts=by("loraplex_engine_steps_total", "kind"),
         step_seconds=by("loraplex_engine_step_seconds_total", "kind"),
+        step_gpu_wait=by("loraplex_engine_step_gpu_wait_seconds_total", "kind"),
         thread_seconds=by("loraplex_engine_thread_seconds_total", "activity"),
     )
 
