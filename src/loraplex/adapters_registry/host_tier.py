@@ -1,4 +1,5 @@
-"""HostTier: adapters held in host memory (pinned on CUDA machines), LRU-bounded.
+"""HostTier: adapters held in host memory (pageable; moves to the GPU stage through
+staging.py), LRU-bounded.
 
 Bounded by a count and by bytes; loads from disk go through the loader once per adapter however
 many threads ask at the same time. An adapter bigger than the byte budget is still loaded and

@@ -2,8 +2,9 @@
 
 An 8B-shaped rank-16 adapter is 448 tensors; copying them one by one to the GPU pays a launch
 per tensor, copying one flat buffer runs at the link's bandwidth. On the host tier the buffer is
-pinned (page-locked) when CUDA is available, so the copy to the device can be asynchronous on a
-side stream. Every tensor of the adapter is a view into the buffer, already in the slots' dtype.
+ordinary memory; the copy to the device goes through a reusable pinned buffer (staging.py), so
+it is asynchronous on a side stream without pinning every adapter. Every tensor of the adapter
+is a view into the buffer, already in the slots' dtype.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from loraplex.platform import LoraModuleWeights, LoraWeights
+
+from .staging import PinnedStaging
 
 _ALIGN = 256  # bytes; every view starts on this boundary
 
@@ -35,7 +38,7 @@ class ModuleLayout:
 class PackedAdapter:
     """An adapter as one buffer plus the layout of its tensors in it."""
 
-    buffer: torch.Tensor  # [num_bytes] uint8, host (pinned on CUDA machines) or device
+    buffer: torch.Tensor  # [num_bytes] uint8, host or device
     layout: tuple[ModuleLayout, ...]
     dtype: torch.dtype  # of every A and B
 
@@ -65,22 +68,39 @@ class PackedAdapter:
         return self.buffer[offset : offset + size].view(self.dtype).view(shape)
 
     def to_device(
-        self, device: torch.device, stream: torch.cuda.Stream | None = None
+        self,
+        device: torch.device,
+        stream: torch.cuda.Stream | None = None,
+        staging: PinnedStaging | None = None,
     ) -> PackedAdapter:
         """One copy of the whole buffer to `device`, finished when this returns.
 
         On CUDA the copy runs on `stream` (a side stream, so engine steps keep running) and
-        only this thread waits for it. The new buffer belongs to `stream`: whoever copies from
-        it on another stream must call record_stream for that stream before dropping it.
+        only this thread waits for it; a pageable buffer first goes into a pinned buffer
+        borrowed from `staging` (without one, the copy is a synchronous pageable one). The new
+        buffer belongs to `stream`: whoever copies from it on another stream must call
+        record_stream for that stream before dropping it.
         """
         if device.type != "cuda":
             return PackedAdapter(self.buffer.to(device), self.layout, self.dtype)
+        if self.buffer.is_pinned() or staging is None:
+            return self._copy_to(device, stream, self.buffer)
+        with staging.borrow(self.num_bytes) as pinned:
+            pinned.copy_(self.buffer)
+            return self._copy_to(device, stream, pinned)
+
+    def _copy_to(
+        self,
+        device: torch.device,
+        stream: torch.cuda.Stream | None,
+        source: torch.Tensor,
+    ) -> PackedAdapter:
         with torch.cuda.stream(stream):  # None: the current stream
             target = torch.empty(self.num_bytes, dtype=torch.uint8, device=device)
-            target.copy_(self.buffer, non_blocking=self.buffer.is_pinned())
+            target.copy_(source, non_blocking=source.is_pinned())
             done = torch.cuda.Event()
             done.record()
-        done.synchronize()
+        done.synchronize()  # `source` (a staging buffer) is free again after this
         return PackedAdapter(target, self.layout, self.dtype)
 
 

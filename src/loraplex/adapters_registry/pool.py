@@ -40,6 +40,7 @@ from .errors import (
 from .host_tier import HostTier, Loader
 from .pool_metrics import PoolMetrics
 from .slot_writer import SlotWriter
+from .staging import PinnedStaging
 
 log = logging.getLogger(__name__)
 Listener = Callable[[str, Hashable, str], None]  # (event kind, adapter key, detail)
@@ -106,8 +107,9 @@ class AdapterPool:
         self.device = torch.device(config.device)
         cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if cuda else None
-        limits = (config.max_cpu_loras, config.max_cpu_bytes, config.dtype)
-        self.host = HostTier(loader, *limits, cuda, self.metrics, self._emit)
+        self._staging = PinnedStaging(config.load_workers, pin=True) if cuda else None
+        limits = (config.max_cpu_loras, config.max_cpu_bytes, config.dtype, False)
+        self.host = HostTier(loader, *limits, self.metrics, self._emit)  # pageable
         self._cond = threading.Condition()
         self._entries: dict[Hashable, _Entry] = {}
         self._device_lru: OrderedDict[Hashable, None] = OrderedDict()  # LRU first
@@ -345,7 +347,7 @@ class AdapterPool:
             staged = packed
             if self.device.type == "cuda":
                 started = time.perf_counter()
-                staged = packed.to_device(self.device, self._stream)
+                staged = packed.to_device(self.device, self._stream, self._staging)
                 self.metrics.moved(
                     "host_to_device", packed.num_bytes, time.perf_counter() - started
                 )
