@@ -9,7 +9,7 @@ import torch
 
 from checkpoints import save_random_adapter
 from loraplex.adapters_registry import load_adapter_dir
-from loraplex.platform import ModelSpec
+from loraplex.platform import AdapterShapeError, ModelSpec
 from loraplex.platform.lora_slots import LoraSlots
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -78,3 +78,29 @@ def test_clear_then_write_and_clear_empties(adapters):
     fresh.write(0, weights["r4_qv"])
     for got, expected in zip(snapshot(slots, 0), snapshot(fresh, 0), strict=True):
         assert torch.equal(got, expected)
+
+
+def test_stage_then_commit_is_a_write_and_the_ranks_wait_for_the_commit(adapters):
+    """Between the halves the slot's A and B are the new adapter's, but its ranks and scales
+    still the old one's: no kernel applies a half-written adapter's ranks."""
+    spec, weights = adapters
+    halves = LoraSlots(spec, 2, 16, torch.float32, torch.device("cpu"))
+    halves.write(1, weights["r4_qv"])
+    before = [
+        (g.ranks[1].clone(), g.scales[1].clone())
+        for l in halves.layers
+        for g in l.values()
+    ]
+    staged = halves.stage(1, weights["r16_all"])
+    between = [
+        (g.ranks[1], g.scales[1]) for layer in halves.layers for g in layer.values()
+    ]
+    for (r0, s0), (r1, s1) in zip(before, between, strict=True):
+        assert torch.equal(r0, r1) and torch.equal(s0, s1)
+    halves.commit(1, staged)
+    whole = LoraSlots(spec, 2, 16, torch.float32, torch.device("cpu"))
+    whole.write(1, weights["r16_all"])
+    for got, expected in zip(snapshot(halves, 1), snapshot(whole, 1), strict=True):
+        assert torch.equal(got, expected)
+    with pytest.raises(AdapterShapeError, match="out of range"):
+        halves.stage(2, weights["r4_qv"])

@@ -17,7 +17,7 @@ from .config import EngineConfig, ModelSpec
 from .engine_dir import open_engine_dir
 from .engine_shard import build_shard
 from .errors import AdapterShapeError, InvalidRequestError, ModelLoadError
-from .lora_slots import LoraWeights
+from .lora_slots import LoraWeights, StagedRanks
 from .outputs import OutputProcessor, RequestOutput
 from .parallel import SINGLE, check_shardable
 from .prefix_cache import PrefixScope, cache_root, engine_identity
@@ -110,6 +110,9 @@ class Engine:
         )
         self.runner.peers = self.workers
         self._loaded_slots: set[int] = set()
+        self._stage_stream: torch.cuda.Stream | None = (
+            None  # stage_adapter's, made once
+        )
         self.kv_cache = self.runner.kv_cache
         num_blocks = self.runner.num_kv_blocks
         self.scheduler = Scheduler(
@@ -233,6 +236,33 @@ class Engine:
             self.workers.load_adapter(slot, weights)
         self._loaded_slots.add(slot)
 
+    def stage_adapter(self, slot: int, weights: LoraWeights) -> StagedRanks:
+        """The first half of `load_adapter`, for a thread other than the engine's while steps
+        run: the adapter's A and B go into a slot no request uses (on a side stream on a GPU,
+        returning once they are there); `commit_adapter` finishes the load between steps.
+
+        :raises AdapterShapeError: LoRA is off, the engine is tensor parallel (its workers
+            load whole adapters), the slot is busy, or the adapter does not fit.
+        """
+        if self.workers is not None:
+            raise AdapterShapeError("a tensor-parallel engine loads adapters whole")
+        self._check_slot_free(slot)  # again in commit_adapter, on the engine's thread
+        if self.device.type != "cuda":
+            return self.lora_slots.stage(slot, weights)
+        stream = self._stage_stream = self._stage_stream or torch.cuda.Stream(
+            self.device
+        )
+        with torch.cuda.stream(stream):
+            staged = self.lora_slots.stage(slot, weights)
+        stream.synchronize()
+        return staged
+
+    def commit_adapter(self, slot: int, staged: StagedRanks) -> None:
+        """Between steps: the ranks and scales of a slot that `stage_adapter` filled."""
+        self._check_slot_free(slot)
+        self.lora_slots.commit(slot, staged)
+        self._loaded_slots.add(slot)
+
     def unload_adapter(self, slot: int) -> None:
         """Empty a slot so that it can be reused; never for a slot in use."""
         self._check_slot_free(slot)
@@ -267,11 +297,8 @@ class Engine:
     def _check_slot_free(self, slot: int) -> None:
         if self.lora_slots is None:
             raise AdapterShapeError("LoRA is off in this engine (max_loras = 0)")
-        busy = [
-            r.request_id
-            for r in self._requests.values()
-            if r.slot == slot and not r.is_finished
-        ]
+        requests = tuple(self._requests.values())  # one snapshot: may run off-thread
+        busy = [r.request_id for r in requests if r.slot == slot and not r.is_finished]
         if busy:
             raise AdapterShapeError(
                 f"slot {slot} is in use by {len(busy)} unfinished request(s)"

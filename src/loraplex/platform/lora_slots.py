@@ -20,6 +20,7 @@ B split by output for the column-parallel targets, A split by input for the row-
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -100,6 +101,14 @@ class LoraWeights:
                     f"{where}: lora_B has shape {tuple(module.lora_b.shape)}, "
                     f"expected ({out_features}, {rank})"
                 )
+
+
+class StagedRanks(NamedTuple):
+    """What `LoraSlots.commit` writes for one staged adapter: per layer, the rank and the
+    scale of each of its seven targets (q k v o gate up down; 0 where it has none)."""
+
+    ranks: list[list[int]]
+    scales: list[list[float]]
 
 
 @dataclass(frozen=True)
@@ -183,9 +192,7 @@ class LoraSlots:
 
         :raises AdapterShapeError: the adapter does not fit this model or the slot's max rank.
         """
-        self._check_slot(slot)
-        weights.check_fits(self.spec, self.max_rank)
-        self._write(slot, shard_lora_weights(weights, self.spec, self.tp))
+        self.commit(slot, self.stage(slot, weights))
 
     def write_shard(self, slot: int, shard: LoraWeights) -> None:
         """Put an adapter's shard for this rank (`shard_lora_weights`) into `slot`.
@@ -194,9 +201,32 @@ class LoraSlots:
         """
         self._check_slot(slot)
         shard.check_fits(self.local_spec, self.max_rank)
-        self._write(slot, shard)
+        self.commit(slot, self._stage(slot, shard))
 
-    def _write(self, slot: int, weights: LoraWeights) -> None:
+    def stage(self, slot: int, weights: LoraWeights) -> StagedRanks:
+        """The first half of a write: the A and B blocks copied and stale rows zeroed, on the
+        current stream. Until `commit`, the slot's ranks and scales still describe what it
+        held before, so this may run off the engine's thread, while steps run, for a slot that
+        no request uses. Returns what `commit` writes.
+
+        :raises AdapterShapeError: the adapter does not fit this model or the slot's max rank.
+        """
+        self._check_slot(slot)
+        weights.check_fits(self.spec, self.max_rank)
+        return self._stage(slot, shard_lora_weights(weights, self.spec, self.tp))
+
+    def commit(self, slot: int, staged: StagedRanks) -> None:
+        """The second half, between two steps: the slot's ranks and scales of every layer, in
+        one copy each (from pinned memory on a GPU, so the host does not wait for the steps
+        in flight)."""
+        self._check_slot(slot)
+        ranks, scales = staged
+        self._ranks[:, slot].copy_(self._staged(ranks, torch.int32), non_blocking=True)
+        self._scales[:, slot].copy_(
+            self._staged(scales, torch.float32), non_blocking=True
+        )
+
+    def _stage(self, slot: int, weights: LoraWeights) -> StagedRanks:
         num_layers = self.spec.num_layers
         ranks = [[0] * _SLICES_PER_LAYER for _ in range(num_layers)]
         scales = [[0.0] * _SLICES_PER_LAYER for _ in range(num_layers)]
@@ -218,10 +248,7 @@ class LoraSlots:
                 new = ranks[layer][first : first + len(LORA_GROUPS[name])]
                 self._zero_past(group, slot, self._held[layer][name][slot], new)
                 self._held[layer][name][slot] = new
-        self._ranks[:, slot].copy_(self._staged(ranks, torch.int32), non_blocking=True)
-        self._scales[:, slot].copy_(
-            self._staged(scales, torch.float32), non_blocking=True
-        )
+        return StagedRanks(ranks, scales)
 
     def _staged(self, rows: list[list], dtype: torch.dtype) -> torch.Tensor:
         """`rows` as a host tensor, pinned when the slots are on a GPU so that the copy does
