@@ -29,9 +29,12 @@ def setup(tiny_models, tmp_path_factory):
     return model, dirs
 
 
-def make_engine(model) -> Engine:
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def make_engine(model, device: str) -> Engine:
     config = EngineConfig(
-        model=str(model), dtype="float32", device="cpu", max_loras=2, max_lora_rank=16
+        model=str(model), dtype="float32", device=device, max_loras=2, max_lora_rank=16
     )
     return Engine(config)
 
@@ -40,8 +43,8 @@ def weights(engine: Engine, path):
     return load_adapter_dir(path, engine.spec, 16)
 
 
-def expected_tokens(model, dirs, name: str, max_tokens: int) -> list[int]:
-    engine = make_engine(model)
+def expected_tokens(model, dirs, name: str, max_tokens: int, device: str) -> list[int]:
+    engine = make_engine(model, device)
     engine.load_adapter(0, weights(engine, dirs[name]))
     out = run_to_completion(engine, {"x": (PROMPT, greedy(max_tokens), 0)})
     return out["x"]
@@ -61,9 +64,11 @@ def run_on_thread(thread: EngineThread, request_id: str, slot: int, max_tokens: 
     return done, tokens
 
 
-def test_staging_beside_running_steps_changes_nothing_for_them(setup):
+@pytest.mark.parametrize("device", DEVICES)
+def test_staging_beside_running_steps_changes_nothing_for_them(setup, device):
+    """On a GPU the A and B copies run on a side stream while the engine's graphs replay."""
     model, dirs = setup
-    engine = make_engine(model)
+    engine = make_engine(model, device)
     engine.load_adapter(0, weights(engine, dirs["a"]))
     engine.load_adapter(1, weights(engine, dirs["b"]))
     thread = EngineThread(engine).start()
@@ -78,13 +83,14 @@ def test_staging_beside_running_steps_changes_nothing_for_them(setup):
         assert done.wait(60) and done_c.wait(60)
     finally:
         thread.stop()
-    assert tokens == expected_tokens(model, dirs, "a", 120)
-    assert tokens_c == expected_tokens(model, dirs, "c", 12)
+    assert tokens == expected_tokens(model, dirs, "a", 120, device)
+    assert tokens_c == expected_tokens(model, dirs, "c", 12, device)
 
 
-def test_staging_a_slot_in_use_is_refused_and_leaves_it_alone(setup):
+@pytest.mark.parametrize("device", DEVICES)
+def test_staging_a_slot_in_use_is_refused_and_leaves_it_alone(setup, device):
     model, dirs = setup
-    engine = make_engine(model)
+    engine = make_engine(model, device)
     engine.load_adapter(0, weights(engine, dirs["a"]))
     engine.add_request("busy", PROMPT, greedy(10), 0)
     engine.step()
@@ -93,4 +99,4 @@ def test_staging_a_slot_in_use_is_refused_and_leaves_it_alone(setup):
     while engine.has_unfinished_requests:
         engine.step()
     out = run_to_completion(engine, {"again": (PROMPT, greedy(10), 0)})
-    assert out["again"] == expected_tokens(model, dirs, "a", 10)
+    assert out["again"] == expected_tokens(model, dirs, "a", 10, device)

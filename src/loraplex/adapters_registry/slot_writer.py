@@ -74,10 +74,16 @@ class EngineThreadSlotWriter:
         engine = self.engine_thread.engine
         if engine.workers is not None:
             call = self.engine_thread.call(lambda e: _write(e, slot, weights))
-        else:
-            staged = engine.stage_adapter(slot, weights)
-            call = self.engine_thread.call(lambda e: e.commit_adapter(slot, staged))
-        call.result(self.timeout_s)
+            call.result(self.timeout_s)
+            return
+        # A trivial call first: it runs after every call queued before it, such as the abort of
+        # a request whose client left and whose pin was released before the engine saw the
+        # abort, so that the slot is free, and no step in flight reads it, when staging starts.
+        free = self.engine_thread.call(lambda e: e.check_slot_free(slot))
+        free.result(self.timeout_s)
+        staged = engine.stage_adapter(slot, weights)
+        commit = self.engine_thread.call(lambda e: e.commit_adapter(slot, staged))
+        commit.result(self.timeout_s)
 
     def clear_slot(self, slot: int) -> None:
         future = self.engine_thread.call(lambda engine: engine.unload_adapter(slot))

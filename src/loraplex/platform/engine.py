@@ -236,10 +236,16 @@ class Engine:
             self.workers.load_adapter(slot, weights)
         self._loaded_slots.add(slot)
 
+    def check_slot_free(self, slot: int) -> None:
+        """Raise AdapterShapeError unless LoRA is on and no unfinished request uses `slot`."""
+        self._check_slot_free(slot)
+
     def stage_adapter(self, slot: int, weights: LoraWeights) -> StagedRanks:
         """The first half of `load_adapter`, for a thread other than the engine's while steps
         run: the adapter's A and B go into a slot no request uses (on a side stream on a GPU,
         returning once they are there); `commit_adapter` finishes the load between steps.
+        The caller first makes sure on the engine's thread that the slot is free
+        (`check_slot_free`): this thread's own check sees requests, not aborts still queued.
 
         :raises AdapterShapeError: LoRA is off, the engine is tensor parallel (its workers
             load whole adapters), the slot is busy, or the adapter does not fit.
