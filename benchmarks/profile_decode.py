@@ -48,6 +48,12 @@ def profile_steps(engine, steps: int) -> dict:
             engine.step()
         torch.cuda.synchronize()
         wall = (time.perf_counter() - start) / steps
+    return kernel_summary(prof, wall, steps, top=40)
+
+
+def kernel_summary(prof, wall_s: float, steps: int, top: int) -> dict:
+    """A torch.profiler run of `steps` steps taking `wall_s` each: per step, the kernels by
+    device time (the `top` largest), their total ms and launch count."""
     kernels = []
     for event in prof.key_averages():
         device_us = getattr(event, "device_time_total", None)
@@ -63,10 +69,10 @@ def profile_steps(engine, steps: int) -> dict:
             )
     kernels.sort(key=lambda k: -k["us"])
     return {
-        "wall_ms": 1e3 * wall,
+        "wall_ms": 1e3 * wall_s,
         "kernel_ms": sum(k["us"] for k in kernels) / 1e3,
         "launches": sum(k["count"] for k in kernels),
-        "kernels": kernels[:40],
+        "kernels": kernels[:top],
     }
 
 

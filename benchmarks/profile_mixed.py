@@ -25,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 from bench_engine import make_engine
 from engine_workload import LLAMA_8B, RANK, SMOKE, random_adapter, write_model_dir
 from loraplex.platform import SamplingParams
+from profile_decode import kernel_summary
 
 
 def start_decoding(
@@ -82,20 +83,7 @@ def device_profile(engine, chunk: int) -> dict:
         activities.append(ProfilerActivity.CUDA)
     with profile(activities=activities) as prof:
         wall = mixed_step(engine, 10_000, chunk)
-    kernels = []
-    for event in prof.key_averages():
-        device_us = getattr(event, "device_time_total", 0)
-        if device_us and event.device_type.name == "CUDA":
-            kernels.append(
-                {"name": event.key[:90], "count": event.count, "us": device_us}
-            )
-    kernels.sort(key=lambda k: -k["us"])
-    return {
-        "wall_ms": 1e3 * wall,
-        "kernel_ms": sum(k["us"] for k in kernels) / 1e3,
-        "launches": sum(k["count"] for k in kernels),
-        "kernels": kernels[:30],
-    }
+    return kernel_summary(prof, wall, steps=1, top=30)
 
 
 def main() -> None:
