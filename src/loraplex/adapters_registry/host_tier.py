@@ -36,13 +36,12 @@ class HostTier:
         max_count: int,
         max_bytes: int,
         dtype: torch.dtype,
-        pin: bool,
         metrics: PoolMetrics,
         emit: Emit,
     ) -> None:
         self.loader = loader
         self.max_count, self.max_bytes = max_count, max_bytes
-        self.dtype, self.pin = dtype, pin
+        self.dtype = dtype
         self.metrics, self.emit = metrics, emit
         self._lock = threading.Lock()
         self._held: OrderedDict[Hashable, PackedAdapter] = OrderedDict()  # LRU first
@@ -74,7 +73,7 @@ class HostTier:
         """Load `key` from disk for everyone waiting on `future`."""
         try:
             started = time.perf_counter()
-            packed = pack(self.loader(key), self.dtype, self.pin)
+            packed = pack(self.loader(key), self.dtype, pin=False)
             self.metrics.moved(
                 "disk_to_host", packed.num_bytes, time.perf_counter() - started
             )

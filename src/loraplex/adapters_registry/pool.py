@@ -108,8 +108,8 @@ class AdapterPool:
         cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if cuda else None
         self._staging = PinnedStaging(config.load_workers, pin=True) if cuda else None
-        limits = (config.max_cpu_loras, config.max_cpu_bytes, config.dtype, False)
-        self.host = HostTier(loader, *limits, self.metrics, self._emit)  # pageable
+        limits = (config.max_cpu_loras, config.max_cpu_bytes, config.dtype)
+        self.host = HostTier(loader, *limits, self.metrics, self._emit)
         self._cond = threading.Condition()
         self._entries: dict[Hashable, _Entry] = {}
         self._device_lru: OrderedDict[Hashable, None] = OrderedDict()  # LRU first
