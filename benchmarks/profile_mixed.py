@@ -112,23 +112,23 @@ def main() -> None:
         engine, args.batch, args.distinct, prompt_len, 40 if args.smoke else 400
     )
     walls, host_text = host_profile(engine, args.reps, args.chunk)
-    device = device_profile(engine, args.chunk)
+    profiled = device_profile(engine, args.chunk)
     print(host_text)
     print(
         f"mixed step walls (ms, first = uncached): {[round(1e3 * w, 2) for w in walls]}"
     )
     print(
-        f"under torch.profiler: {device['wall_ms']:.1f} ms wall, "
-        f"{device['kernel_ms']:.2f} ms in {device['launches']} kernels"
+        f"under torch.profiler: {profiled['wall_ms']:.1f} ms wall, "
+        f"{profiled['kernel_ms']:.2f} ms in {profiled['launches']} kernels"
     )
-    for k in device["kernels"][:20]:
+    for k in profiled["kernels"][:20]:
         print(f"  {k['us']:9.1f} us  x{k['count']:4d}  {k['name']}")
     args.out.mkdir(parents=True, exist_ok=True)
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "args": {k: str(v) for k, v in vars(args).items()},
         "mixed_step_walls_ms": [1e3 * w for w in walls],
-        "device_profile": device,
+        "device_profile": profiled,
         "host_profile": host_text,
     }
     (args.out / "profile_mixed.json").write_text(json.dumps(result, indent=1))

@@ -29,8 +29,9 @@ TYPES = {
 }
 
 
-def _record_launches(monkeypatch):
-    """Replace `kernel_for` in the launchers with a recorder of (kernel, args, kwargs)."""
+def _record_launches(monkeypatch, modules=None):
+    """Replace `kernel_for` in the launchers' `modules` (default: the attention kernels) with a
+    recorder of (kernel, args, kwargs)."""
     from loraplex.kernels.attention import decode, kv_write, prefill
 
     launches = []
@@ -42,7 +43,7 @@ def _record_launches(monkeypatch):
 
         return Grid()
 
-    for module in (decode, prefill, kv_write):
+    for module in modules or (decode, prefill, kv_write):
         monkeypatch.setattr(module, "kernel_for", kernel_for)
     return launches
 

@@ -169,16 +169,7 @@ def test_sweep_compiles_for_h100_without_spills(monkeypatch, tmp_path):
     from loraplex.kernels.fp8 import splitk
 
     monkeypatch.setitem(compile_check.TYPES, torch.float8_e4m3fn, "fp8e4nv")
-    launches = []
-
-    def kernel_for(kernel, tensor):
-        class Grid:
-            def __getitem__(self, grid):
-                return lambda *args, **kwargs: launches.append((kernel, args, kwargs))
-
-        return Grid()
-
-    monkeypatch.setattr(splitk, "kernel_for", kernel_for)
+    launches = compile_check._record_launches(monkeypatch, [splitk])
     meta = {"device": "meta"}
     n, k = 4096, 14336  # down: split K at every token count
     w_q = torch.empty(n, k, dtype=torch.float8_e4m3fn, **meta)
