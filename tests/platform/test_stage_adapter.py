@@ -4,9 +4,11 @@ and once committed serves exactly what `load_adapter` serves."""
 
 from __future__ import annotations
 
+import gc
 import threading
 
 import pytest
+import torch
 from engine_utils import greedy, run_to_completion
 
 from checkpoints import save_random_adapter
@@ -29,6 +31,15 @@ def setup(tiny_models, tmp_path_factory):
     return model, dirs
 
 
+@pytest.fixture(autouse=True)
+def free_engines():
+    """Each test's engine goes before the next plans its KV cache from the card's free memory."""
+    yield
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
@@ -44,9 +55,15 @@ def weights(engine: Engine, path):
 
 
 def expected_tokens(model, dirs, name: str, max_tokens: int, device: str) -> list[int]:
+    """What a fresh engine serves; computed before the test's own engine exists and freed
+    after, since on a GPU each engine plans its KV cache from the memory the card has left."""
     engine = make_engine(model, device)
     engine.load_adapter(0, weights(engine, dirs[name]))
     out = run_to_completion(engine, {"x": (PROMPT, greedy(max_tokens), 0)})
+    del engine
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return out["x"]
 
 
@@ -68,6 +85,8 @@ def run_on_thread(thread: EngineThread, request_id: str, slot: int, max_tokens: 
 def test_staging_beside_running_steps_changes_nothing_for_them(setup, device):
     """On a GPU the A and B copies run on a side stream while the engine's graphs replay."""
     model, dirs = setup
+    want_a = expected_tokens(model, dirs, "a", 120, device)
+    want_c = expected_tokens(model, dirs, "c", 12, device)
     engine = make_engine(model, device)
     engine.load_adapter(0, weights(engine, dirs["a"]))
     engine.load_adapter(1, weights(engine, dirs["b"]))
@@ -83,13 +102,14 @@ def test_staging_beside_running_steps_changes_nothing_for_them(setup, device):
         assert done.wait(60) and done_c.wait(60)
     finally:
         thread.stop()
-    assert tokens == expected_tokens(model, dirs, "a", 120, device)
-    assert tokens_c == expected_tokens(model, dirs, "c", 12, device)
+    assert tokens == want_a
+    assert tokens_c == want_c
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_staging_a_slot_in_use_is_refused_and_leaves_it_alone(setup, device):
     model, dirs = setup
+    want_a = expected_tokens(model, dirs, "a", 10, device)
     engine = make_engine(model, device)
     engine.load_adapter(0, weights(engine, dirs["a"]))
     engine.add_request("busy", PROMPT, greedy(10), 0)
@@ -99,4 +119,4 @@ def test_staging_a_slot_in_use_is_refused_and_leaves_it_alone(setup, device):
     while engine.has_unfinished_requests:
         engine.step()
     out = run_to_completion(engine, {"again": (PROMPT, greedy(10), 0)})
-    assert out["again"] == expected_tokens(model, dirs, "a", 10, device)
+    assert out["again"] == want_a
