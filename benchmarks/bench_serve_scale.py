@@ -331,7 +331,10 @@ def cliff(args, server, reg, config, base_rate) -> dict:
         ("resident", args.slots // 2),
         ("twice_slots", 2 * args.slots),
     ):
-        work = workload(args, adapter_names("bench-", active), "uniform", rate, active)
+        names = adapter_names("bench-", active)
+        if name == "resident":  # resident means loaded: not timing their first loads
+            warm_up(server, config, reg.keys["scale"], args, names)
+        work = workload(args, names, "uniform", rate, active)
         (summary,), moved = measure(
             server, [config(reg.keys["scale"], work, args.ttft_requests, label=name)]
         )
@@ -344,11 +347,21 @@ def cliff(args, server, reg, config, base_rate) -> dict:
     return result
 
 
+def warm_up(server, config, key, args, names) -> None:
+    """Unmeasured requests, three per adapter drawn uniformly, 16 at a time, so that the
+    adapters of a phase that must start resident are loaded (a few may be missed)."""
+    work = workload(args, names, "uniform", args.rate, 7)
+    measure(server, [config(key, work, 3 * len(names), 16)])
+
+
 def fairness(args, server, reg, config, base_rate) -> dict:
     """The steady tenant's TTFT and errors, with the other at its share, then at 10x."""
     share = args.fair_share * base_rate
     names = adapter_names("bench-", 8)
     result = {"share_rate": share}
+    # The phase before evicted these: the baseline must not time their loads from disk.
+    for key in ("steady", "flood"):
+        warm_up(server, config, reg.keys[key], args, names)
     for name, factor in (("equal", 1), ("flood", 10)):
         steady = workload(args, names, "uniform", share, 1)
         flood = workload(args, names, "uniform", share * factor, 2)
