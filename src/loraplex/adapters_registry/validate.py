@@ -16,6 +16,7 @@ config field or tensor:
 
 from __future__ import annotations
 
+import math
 import re
 import struct
 import warnings
@@ -190,12 +191,13 @@ def assemble(
     config: AdapterConfig, pairs: list[ModulePair], tensors: Mapping[str, torch.Tensor]
 ) -> ValidatedAdapter:
     """Step 8: build LoraWeights from checked pairs and refuse NaN/Inf."""
+    named = [(n, tensors[n]) for p in pairs for n in (p.name_a, p.name_b)]
+    bad = _first_not_finite(named)
+    if bad is not None:
+        raise AdapterInvalid(f"tensor {bad} contains NaN or Inf", bad)
     modules = {}
     for pair in pairs:
         a, b = tensors[pair.name_a], tensors[pair.name_b]
-        for name, tensor in ((pair.name_a, a), (pair.name_b, b)):
-            if not _finite(tensor):
-                raise AdapterInvalid(f"tensor {name} contains NaN or Inf", name)
         scale = config.scale_for(pair.module_path, pair.rank)
         modules[(pair.layer, pair.target)] = LoraModuleWeights(a, b, scale)
     present = {p.target for p in pairs}
@@ -207,9 +209,28 @@ def assemble(
     )
 
 
-def _finite(tensor: torch.Tensor) -> bool:
-    # One reduction instead of a bool tensor the size of the input; amax propagates NaN.
-    return tensor.numel() == 0 or bool(torch.isfinite(tensor.abs().amax()))
+def _first_not_finite(named: list[tuple[str, torch.Tensor]]) -> str | None:
+    """The first tensor holding a NaN or an Inf, in the order given, or None.
+
+    One foreach infinity norm (max |x|, which propagates NaN and Inf) over every tensor, where
+    a reduction per tensor made ~1,300 torch calls for an 8B adapter. Each torch call lets go
+    of the GIL, and a pool loader must take it back behind the engine thread each time: beside
+    a thread busy in Python, a disk→host load of an 8B adapter took 24 s with the per-tensor
+    checks and 3.7 s with this (162 and 210 ms alone; 2-core CPU, 2026-11-27), and served on
+    an H100 such loads took 680-880 ms against 265 ms alone.
+    """
+    named = [
+        (n, t) for n, t in named if t.numel()
+    ]  # the inf norm of nothing is undefined
+    if not named:
+        return None
+    norms = torch._foreach_norm([t for _, t in named], math.inf)
+    if len({n.dtype for n in norms}) > 1:
+        norms = [n.float() for n in norms]
+    finite = torch.stack(norms).isfinite()
+    if bool(finite.all()):
+        return None
+    return named[int((~finite).nonzero()[0])][0]
 
 
 def build_lora_weights(

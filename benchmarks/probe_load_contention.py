@@ -1,0 +1,99 @@
+"""probe_load_contention: disk → host of one 8B-shaped adapter, alone and beside a thread busy
+in Python (as a server's engine thread is between GPU waits), on the host alone.
+
+    PYTHONPATH=src:tests python benchmarks/probe_load_contention.py --out DIR [--loads 4]
+
+Every torch call lets go of the GIL; a loader that makes many of them waits to take it back
+behind the busy thread each time (up to the switch interval, 5 ms). The median of --loads
+`AdapterRegistry.load_weights` + `pack` in each setting goes to DIR/probe_load_contention-cpu-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from bench_serve_setup import LLAMA_8B, write_model_dir
+from loraplex.adapters_registry import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    AdapterRegistry,
+    RegistryConfig,
+    UploadLimits,
+    UploadPart,
+)
+from loraplex.adapters_registry.packed import pack
+from loraplex.loadgen import BaseShapes, random_adapter
+from loraplex.platform import ModelSpec
+from provenance import git_commit
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--loads", type=int, default=4)
+    args = parser.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="probe_load_contention-"))
+    model = write_model_dir(root / "model", LLAMA_8B)
+    limits = UploadLimits(max_upload_bytes=1 << 34, max_weights_bytes=1 << 34)
+    registry = AdapterRegistry(
+        RegistryConfig(root / "data", 16, limits), ModelSpec.from_dir(model)
+    )
+    tenant = registry.tenants.create("t")
+    config, weights = random_adapter(BaseShapes.from_model_dir(model), 16, seed=1)
+    parts = [
+        UploadPart(ADAPTER_CONFIG, io.BytesIO(config)),
+        UploadPart(ADAPTER_WEIGHTS, io.BytesIO(weights)),
+    ]
+    adapter_id = registry.ingest(tenant.id, "a", parts).id
+
+    def loads_ms() -> list[float]:
+        out = []
+        for _ in range(args.loads):
+            started = time.perf_counter()
+            pack(registry.load_weights(adapter_id), torch.bfloat16, pin=False)
+            out.append(1e3 * (time.perf_counter() - started))
+        return out
+
+    alone = loads_ms()
+    stop = threading.Event()
+
+    def busy() -> None:
+        x = 0
+        while not stop.is_set():
+            for i in range(1000):
+                x += i
+
+    thread = threading.Thread(target=busy, daemon=True)
+    thread.start()
+    try:
+        beside = loads_ms()
+    finally:
+        stop.set()
+        thread.join()
+    registry.close()
+    out = {
+        "adapter_bytes": len(weights),
+        "alone_ms": alone,
+        "beside_busy_thread_ms": beside,
+        "alone_median_ms": statistics.median(alone),
+        "beside_busy_thread_median_ms": statistics.median(beside),
+        "meta": {"commit": git_commit(), "date": datetime.date.today().isoformat()},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"probe_load_contention-cpu-{out['meta']['date']}.json"
+    path.write_text(json.dumps(out, indent=1))
+    print(json.dumps({k: v for k, v in out.items() if k != "meta"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
