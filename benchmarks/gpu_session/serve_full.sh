@@ -1,6 +1,6 @@
-# Issue 8 on one GPU (~3 min at 200 requests a phase on an H100, de2c0b0; 400 since, to see the steady state; at the
-# rate of the 128 of serve.sh): the scale phases at N = 8, 128 and 1024, the eviction cliff and
-# tenant fairness, each phase with its steps' host ms and GPU wait (6682037).
+# Issue 8 on one GPU (~5 min on an H100 at 400 requests a phase, 7b6203a): the scale phases at
+# N = 8, 128 and 1024, the eviction cliff and tenant fairness (their adapters warmed first), each
+# phase with its steps' host ms and GPU wait.
 source benchmarks/gpu_session/common.sh
 timeout -k 30 560 python3 benchmarks/bench_serve_scale.py --out $OUT/serve_scale \
   --commit "$LORAPLEX_COMMIT" --sizes 8,128,1024 --requests 400 --ttft-requests 120 \
