@@ -55,6 +55,24 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def registry_with_8b_adapter(prefix: str) -> tuple[AdapterRegistry, int, bytes]:
+    """A registry in a new temp folder holding one rank-16 adapter of the 8B shapes:
+    the registry, the adapter's id and its safetensors bytes."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    model = write_model_dir(root / "model", LLAMA_8B)
+    limits = UploadLimits(max_upload_bytes=1 << 34, max_weights_bytes=1 << 34)
+    registry = AdapterRegistry(
+        RegistryConfig(root / "data", 16, limits), ModelSpec.from_dir(model)
+    )
+    tenant = registry.tenants.create("t")
+    config, weights = random_adapter(BaseShapes.from_model_dir(model), 16, seed=1)
+    parts = [
+        UploadPart(ADAPTER_CONFIG, io.BytesIO(config)),
+        UploadPart(ADAPTER_WEIGHTS, io.BytesIO(weights)),
+    ]
+    return registry, registry.ingest(tenant.id, "a", parts).id, weights
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -68,18 +86,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.switch_interval_ms is not None:
         sys.setswitchinterval(args.switch_interval_ms / 1e3)
-    root = Path(tempfile.mkdtemp(prefix="probe_adapter_load-"))
-    model = write_model_dir(root / "model", LLAMA_8B)
-    spec = ModelSpec.from_dir(model)
-    limits = UploadLimits(max_upload_bytes=1 << 34, max_weights_bytes=1 << 34)
-    registry = AdapterRegistry(RegistryConfig(root / "data", 16, limits), spec)
-    tenant = registry.tenants.create("t")
-    config, weights = random_adapter(BaseShapes.from_model_dir(model), 16, seed=1)
-    parts = [
-        UploadPart(ADAPTER_CONFIG, io.BytesIO(config)),
-        UploadPart(ADAPTER_WEIGHTS, io.BytesIO(weights)),
-    ]
-    adapter_id = registry.ingest(tenant.id, "a", parts).id
+    registry, adapter_id, weights = registry_with_8b_adapter("probe_adapter_load-")
+    spec = registry.spec
 
     delays: list[float] = []
     stop = threading.Event()

@@ -12,28 +12,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import io
 import json
 import statistics
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import torch
 
-from bench_serve_setup import LLAMA_8B, write_model_dir
-from loraplex.adapters_registry import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    AdapterRegistry,
-    RegistryConfig,
-    UploadLimits,
-    UploadPart,
-)
 from loraplex.adapters_registry.packed import pack
-from loraplex.loadgen import BaseShapes, random_adapter
-from loraplex.platform import ModelSpec
+from probe_adapter_load import registry_with_8b_adapter
 from provenance import git_commit
 
 
@@ -42,19 +30,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--loads", type=int, default=4)
     args = parser.parse_args(argv)
-    root = Path(tempfile.mkdtemp(prefix="probe_load_contention-"))
-    model = write_model_dir(root / "model", LLAMA_8B)
-    limits = UploadLimits(max_upload_bytes=1 << 34, max_weights_bytes=1 << 34)
-    registry = AdapterRegistry(
-        RegistryConfig(root / "data", 16, limits), ModelSpec.from_dir(model)
-    )
-    tenant = registry.tenants.create("t")
-    config, weights = random_adapter(BaseShapes.from_model_dir(model), 16, seed=1)
-    parts = [
-        UploadPart(ADAPTER_CONFIG, io.BytesIO(config)),
-        UploadPart(ADAPTER_WEIGHTS, io.BytesIO(weights)),
-    ]
-    adapter_id = registry.ingest(tenant.id, "a", parts).id
+    registry, adapter_id, weights = registry_with_8b_adapter("probe_load_contention-")
 
     def loads_ms() -> list[float]:
         out = []
