@@ -73,6 +73,16 @@ def registry_with_8b_adapter(prefix: str) -> tuple[AdapterRegistry, int, bytes]:
     return registry, registry.ingest(tenant.id, "a", parts).id, weights
 
 
+def save_probe(out: dict, folder: Path, name: str) -> None:
+    """Stamp a probe's result with commit and date, write it to
+    folder/<name>-cpu-<date>.json and print it."""
+    out["meta"] = {"commit": git_commit(), "date": datetime.date.today().isoformat()}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-cpu-{out['meta']['date']}.json"
+    path.write_text(json.dumps(out, indent=1))
+    print(json.dumps({k: v for k, v in out.items() if k != "meta"}, indent=1))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -134,12 +144,8 @@ def main(argv=None) -> None:
         "sleeper_during_loads_p90_ms": 1e3 * statistics.quantiles(delays, n=10)[-1],
         "switch_interval_ms": 1e3 * sys.getswitchinterval(),
         "slot_writes": writes,
-        "meta": {"commit": git_commit(), "date": datetime.date.today().isoformat()},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"probe_adapter_load-cpu-{out['meta']['date']}.json"
-    path.write_text(json.dumps(out, indent=1))
-    print(json.dumps({k: v for k, v in out.items() if k != "meta"}, indent=1))
+    save_probe(out, args.out, "probe_adapter_load")
 
 
 if __name__ == "__main__":

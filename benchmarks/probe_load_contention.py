@@ -11,8 +11,6 @@ behind the busy thread each time (up to the switch interval, 5 ms). The median o
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 import threading
 import time
@@ -21,8 +19,7 @@ from pathlib import Path
 import torch
 
 from loraplex.adapters_registry.packed import pack
-from probe_adapter_load import registry_with_8b_adapter
-from provenance import git_commit
+from probe_adapter_load import registry_with_8b_adapter, save_probe
 
 
 def main(argv=None) -> None:
@@ -63,12 +60,8 @@ def main(argv=None) -> None:
         "beside_busy_thread_ms": beside,
         "alone_median_ms": statistics.median(alone),
         "beside_busy_thread_median_ms": statistics.median(beside),
-        "meta": {"commit": git_commit(), "date": datetime.date.today().isoformat()},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"probe_load_contention-cpu-{out['meta']['date']}.json"
-    path.write_text(json.dumps(out, indent=1))
-    print(json.dumps({k: v for k, v in out.items() if k != "meta"}, indent=1))
+    save_probe(out, args.out, "probe_load_contention")
 
 
 if __name__ == "__main__":
