@@ -315,7 +315,7 @@ class Admission:
         waited = self.clock() - w.enqueued
         ticket = Ticket(self, w, w.tenant, w.key, w.seats, waited, w.where)
         ticket.blocked_since = w.blocked_since or (self.clock() if w.blocked else None)
-        self._fair.add(ticket, displaces)
+        self._fair.add(ticket, displaces, self._in_use - w.seats, self.config.seats)
         for observe in self.waits:
             observe(w.tenant, w.where, waited)
         if w.future.done():  # cancelled: give the seats back at once

@@ -131,6 +131,7 @@ class Ticket:
     started: bool = False
     displaced: set[str] = field(default_factory=set)
     displaces: list[tuple[Ticket, str]] = field(default_factory=list)
+    priority: int = 0  # the engine's: 0 within the tenant's fair share, 1 beyond
 
     def start(self, request_ids) -> list[str]:
         """The call's engine requests are `request_ids`; returns the ids of the requests

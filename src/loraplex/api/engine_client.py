@@ -34,6 +34,7 @@ class Submission:
     # fair share): where the client `can_preempt`, the first of them still running is
     # preempted (recomputed later) once this one is queued.
     displaces: tuple[str, ...] = ()
+    priority: int = 0  # lower is scheduled first (admission's fair share)
 
 
 class OutputStream(Protocol):
@@ -168,6 +169,7 @@ class EngineClient:
                     sub.slot,
                     on_output,
                     sub.scope,
+                    sub.priority,
                 )
             )
         wanted = [sub.displaces for sub in submissions if sub.displaces]

@@ -12,7 +12,12 @@ place frees). The tenant giving places is the one running the most, and it gives
   counting this call, and the giver keeps a request running: a tenant that sends less than
   the other is served first, its bursts included (and not taken back).
 
-A tenant alone never loses a place. Requests that never gave their place go first; one that
+A tenant alone never loses a place.
+
+Calls also get an engine priority (`priority`): 0 while their tenant, with them, holds no
+more than an equal share of the places among the tenants running now or lately, 1 beyond.
+The engine computes priority-0 prompts ahead of the prompts of priority 1, so a tenant
+within its share does not wait behind a flooding tenant's prefills for its first token. Requests that never gave their place go first; one that
 did may give it again once it runs again, never while admission counts it as waiting. (It
 runs at least one step in between: one whose recompute needs more than a step's token
 budget may be cut again before it samples, as with preemption for KV blocks.)
@@ -37,6 +42,10 @@ class Usage:
     def value(self, tenant: str, now: float) -> float:
         mean, held, then = self._levels.get(tenant, (0.0, 0, now))
         return held + (mean - held) * math.exp(-(now - then) / self.tau)
+
+    def tenants(self) -> list[str]:
+        """The tenants holding places now or lately."""
+        return list(self._levels)
 
     def change(self, tenant: str, seats: int, now: float) -> None:
         held = self._levels.get(tenant, (0.0, 0, now))[1] + seats
@@ -102,9 +111,22 @@ class FairShare:
         candidates.sort(key=lambda entry: entry[1] in entry[0].displaced)
         return candidates if len(candidates) >= seats else []
 
-    def add(self, ticket: Ticket, candidates) -> None:
+    def priority(self, tenant: str, seats: int, in_use: int, places: int) -> int:
+        """The engine priority of a call of `tenant` needing `seats` places (the module's
+        rules), decided before it is added."""
+        counts = self.running(in_use, places)
+        now = self.clock()
+        # Lately: half a place or more over the last seconds, so that a steady tenant
+        # between two calls still counts.
+        sharing = {t for t, n in counts.items() if n > 0} | {tenant}
+        sharing |= {t for t in self.usage.tenants() if self.usage.value(t, now) >= 0.5}
+        return 0 if (counts[tenant] + seats) * len(sharing) <= places else 1
+
+    def add(self, ticket: Ticket, candidates, in_use: int, places: int) -> None:
         """`ticket` was admitted, in the places of requests among `candidates` (from
-        `pick`); the first ones are counted as displaced."""
+        `pick`); the first ones are counted as displaced. `in_use`: places taken before
+        it, for its priority."""
+        ticket.priority = self.priority(ticket.tenant, ticket.seats, in_use, places)
         self.granted.append(ticket)
         self.usage.change(ticket.tenant, ticket.seats, self.clock())
         ticket.displaces = list(candidates)

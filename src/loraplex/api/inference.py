@@ -290,6 +290,7 @@ async def submit(
             placement.scope,
             placement.lease,
             tuple(displaced),
+            placement.ticket.priority if placement.ticket is not None else 0,
         )
         for rid, prompt, p in zip(ids, prompts, params, strict=True)
     ]

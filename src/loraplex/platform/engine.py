@@ -169,11 +169,13 @@ class Engine:
         sampling: SamplingParams,
         slot: int | None = None,
         scope: PrefixScope | None = None,
+        priority: int = 0,
     ) -> None:
         """Queue a request; `slot` is the LoRA slot of its adapter, None for the base model.
 
         `scope` says with whom it may share cached KV blocks (see prefix_cache.py): the
         adapter's content digest and a salt. A request with a slot and no digest is not cached.
+        `priority`: lower is scheduled first (scheduler.py).
 
         :raises InvalidRequestError: duplicate id, empty or too long prompt, bad token id or slot.
         """
@@ -211,6 +213,7 @@ class Engine:
             eos_token_ids=frozenset(self.spec.eos_token_ids),
             max_model_len=self.max_model_len,
             cache_root=self._cache_root(slot, scope or PrefixScope()),
+            priority=priority,
         )
         self._requests[request_id] = request
         self.scheduler.add(request)

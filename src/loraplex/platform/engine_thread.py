@@ -81,14 +81,17 @@ class EngineThread:
         slot: int | None,
         on_output: OutputCallback,
         scope: PrefixScope | None = None,
+        priority: int = 0,
     ) -> Future[None]:
         """Queue a request; its outputs go to `on_output`. The Future fails on invalid input.
 
-        `scope`: with whom it may share cached KV (Engine.add_request).
+        `scope`, `priority`: as Engine.add_request.
         """
 
         def add(engine: Engine) -> None:
-            engine.add_request(request_id, prompt_token_ids, sampling, slot, scope)
+            engine.add_request(
+                request_id, prompt_token_ids, sampling, slot, scope, priority
+            )
             self._callbacks[request_id] = on_output
 
         return self.call(add)

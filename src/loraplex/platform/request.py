@@ -104,6 +104,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    priority: int = (
+        0  # lower is scheduled first (the API: 0 for tenants within their share)
+    )
     # Prefix caching: the chain root (None = never cached), the hashes of the full blocks of
     # prompt + output known so far (kept across preemptions: the tokens do not change), and the
     # prompt tokens its first admission found in the cache (OpenAI's `cached_tokens`).

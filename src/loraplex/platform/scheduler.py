@@ -11,6 +11,10 @@ prefill in progress takes what the budget leaves, so prefill chunks and decodes 
       2. waiting requests, first come first served (preempted ones at the front; those that
          gave their place through preempt() at the back, behind requests added since), while the
          budget, max_num_seqs and free blocks allow, each possibly as a partial (chunked) prefill.
+      Requests carry a priority (lower first; the API gives tenants under their fair share 0):
+      a waiting request goes ahead of the running requests of a worse priority, which take
+      what budget it leaves, and blocks are taken back from the worst priority first. With one
+      priority, as a rule, this is the order above.
          With prefix caching, a request first takes the longest cached run of full blocks of its
          tokens (never all of them: the last token is computed, for its logits) and starts its
          num_computed_tokens there; cached tokens cost no budget.
@@ -43,6 +47,23 @@ class RequestUpdate(NamedTuple):
     sample_index: int | None  # row of the sampler output this request used
 
 
+class _Step:
+    """The batch being built: its sequences, the requests preempted for blocks, the budget."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.scheduled: list[ScheduledSequence] = []
+        self.preempted: list[str] = []
+
+    def add(self, sequence: ScheduledSequence) -> None:
+        self.scheduled.append(sequence)
+        self.budget -= sequence.num_new_tokens
+
+
+def _priority(request: Request) -> int:
+    return request.priority
+
+
 class Scheduler:
     """Decides, each step, which requests run and how many of their tokens are computed."""
 
@@ -59,71 +80,95 @@ class Scheduler:
         self.yielded: set[str] = set()  # waiting, last, since they gave their place
 
     def add(self, request: Request) -> None:
-        """Queue a request, ahead of those that gave their place (preempt)."""
+        """Queue a request, behind those of its priority or better, ahead of those of its
+        priority that gave their place (preempt) and of every worse priority."""
         request.status = RequestStatus.WAITING
-        at = len(self.waiting)
-        while at and self.waiting[at - 1].request_id in self.yielded:
+        waiting, at = self.waiting, len(self.waiting)
+        while at and (
+            waiting[at - 1].priority > request.priority
+            or waiting[at - 1].request_id in self.yielded
+        ):
             at -= 1
-        self.waiting.insert(at, request)
+        waiting.insert(at, request)
 
     @property
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
-        budget = self.max_num_batched_tokens
-        scheduled: list[ScheduledSequence] = []
-        preempted: list[str] = []
-        running, try_allocate = self.running, self.blocks.try_allocate
-        index = 0
-        while index < len(running) and budget > 0:
-            request = running[index]
-            start = request.num_computed_tokens
-            num_tokens = request.num_tokens
-            num_new = min(num_tokens - start, budget)
-            table = try_allocate(request.request_id, start + num_new)
-            while (
-                table is None
-            ):  # no blocks left: the newest running request gives its own
-                victim = running[-1]
-                self._preempt(victim)
-                preempted.append(victim.request_id)
-                if victim is request:
-                    break  # the request itself was the newest: it waits for blocks
-                table = try_allocate(request.request_id, start + num_new)
-            if table is None:
-                break
-            samples = start + num_new == num_tokens
-            scheduled.append(ScheduledSequence(request, start, num_new, table, samples))
-            budget -= num_new
-            index += 1
-
-        while self.waiting and budget > 0 and not preempted:
-            if len(self.running) >= self.max_num_seqs:
-                break
-            request = self.waiting[0]
-            assert request.num_computed_tokens == 0, "waiting requests hold no KV"
-            cached = self._find_cached(request)
-            start = len(cached) * self.blocks.block_size
-            num_new = min(request.num_tokens - start, budget)
-            if not self.blocks.can_allocate(
-                request.request_id, start + num_new, cached
+        """The requests of the next step and how many tokens of each (the module's rules)."""
+        step = _Step(self.max_num_batched_tokens)
+        # Stable: oldest first within a priority; blocks are taken back from the end.
+        order = sorted(self.running, key=_priority)
+        pos = 0
+        admitting = (
+            True  # no new request once one did not fit, or blocks were taken back
+        )
+        while step.budget > 0:
+            room = admitting and self.waiting and len(self.running) < self.max_num_seqs
+            head = self.waiting[0] if room else None
+            if pos < len(order) and (
+                head is None or order[pos].priority <= head.priority
             ):
+                if not self._schedule_running(order, pos, step):
+                    break  # the request itself gave its blocks back: it waits for blocks
+                admitting = admitting and not step.preempted
+                pos += 1
+            elif head is not None:
+                admitting = self._admit(head, step)
+            else:
                 break
-            self.waiting.popleft()
-            self.yielded.discard(request.request_id)
-            request.status = RequestStatus.RUNNING
-            request.num_computed_tokens = start
-            if request.cache_root is not None and request.num_preemptions == 0:
-                request.num_cached_tokens = start
-                self.prefix_cache.record(request.num_tokens, start)
-            self.running.append(request)
-            table = try_allocate(request.request_id, start + num_new, cached)
-            assert table is not None, "can_allocate said it fits"
-            samples = start + num_new == request.num_tokens
-            scheduled.append(ScheduledSequence(request, start, num_new, table, samples))
-            budget -= num_new
-        return ScheduledBatch(sequences=tuple(scheduled), preempted=tuple(preempted))
+        return ScheduledBatch(
+            sequences=tuple(step.scheduled), preempted=tuple(step.preempted)
+        )
+
+    def _schedule_running(self, order: list[Request], pos: int, step: _Step) -> bool:
+        """Schedule `order[pos]`, taking blocks back from the end of `order` (worst priority,
+        newest) while they are short; False when it was itself the one to give them."""
+        request = order[pos]
+        start = request.num_computed_tokens
+        num_new = min(request.num_tokens - start, step.budget)
+        table = self.blocks.try_allocate(request.request_id, start + num_new)
+        while (
+            table is None
+        ):  # no blocks left: the last unscheduled request gives its own
+            victim = order.pop()
+            self._preempt(victim)
+            step.preempted.append(victim.request_id)
+            if victim is request:
+                return False
+            table = self.blocks.try_allocate(request.request_id, start + num_new)
+        step.add(
+            ScheduledSequence(
+                request, start, num_new, table, start + num_new == request.num_tokens
+            )
+        )
+        return True
+
+    def _admit(self, request: Request, step: _Step) -> bool:
+        """Start the first waiting request if its blocks fit; whether it did."""
+        assert request.num_computed_tokens == 0, "waiting requests hold no KV"
+        cached = self._find_cached(request)
+        start = len(cached) * self.blocks.block_size
+        num_new = min(request.num_tokens - start, step.budget)
+        if not self.blocks.can_allocate(request.request_id, start + num_new, cached):
+            return False
+        self.waiting.popleft()
+        self.yielded.discard(request.request_id)
+        request.status = RequestStatus.RUNNING
+        request.num_computed_tokens = start
+        if request.cache_root is not None and request.num_preemptions == 0:
+            request.num_cached_tokens = start
+            self.prefix_cache.record(request.num_tokens, start)
+        self.running.append(request)
+        table = self.blocks.try_allocate(request.request_id, start + num_new, cached)
+        assert table is not None, "can_allocate said it fits"
+        step.add(
+            ScheduledSequence(
+                request, start, num_new, table, start + num_new == request.num_tokens
+            )
+        )
+        return True
 
     def _find_cached(self, request: Request) -> list[int]:
         """The cached blocks a waiting request (which holds none) can start from."""
@@ -172,10 +217,16 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.num_preemptions += 1
-        if last:
-            self.waiting.append(request)
-        else:
-            self.waiting.appendleft(request)
+        waiting, priority = self.waiting, request.priority
+        if last:  # the end of its priority
+            at = len(waiting)
+            while at and waiting[at - 1].priority > priority:
+                at -= 1
+        else:  # the front of its priority
+            at = 0
+            while at < len(waiting) and waiting[at].priority < priority:
+                at += 1
+        waiting.insert(at, request)
 
     def update(
         self, batch: ScheduledBatch, sampled_token_ids: list[int]
