@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 
+from test_fair_share import Clock, _admission
+
 from loraplex.api import EngineClient
 from loraplex.api.engine_client import Submission
 from loraplex.platform import Engine, EngineConfig, EngineThread, SamplingParams
-from test_fair_share import Clock, _admission
 
 
 def test_a_tenant_beyond_an_equal_share_gets_the_worse_priority():

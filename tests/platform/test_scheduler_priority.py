@@ -3,9 +3,10 @@ running requests of a worse one, and blocks are taken back from the worst priori
 
 from __future__ import annotations
 
+from test_scheduler import make_request, step
+
 from loraplex.platform.blocks import BlockManager
 from loraplex.platform.scheduler import Scheduler
-from test_scheduler import make_request, step
 
 
 def shares(batch) -> list[tuple[str, int]]:
