@@ -48,6 +48,7 @@ from loraplex.loadgen import (
     adapter_names,
     arun,
 )
+from server_waits import wait_brief
 
 ADMIN_KEY = "bench-admin-key"
 COUNTERS = (
@@ -56,6 +57,15 @@ COUNTERS = (
     "loraplex_adapter_hits_total",
     "loraplex_adapter_misses_total",
     "loraplex_admission_bypassed_total",
+    "loraplex_admission_wait_seconds_bucket",
+    "loraplex_admission_wait_seconds_sum",
+    "loraplex_admission_wait_seconds_count",
+    "loraplex_request_queue_time_seconds_bucket",
+    "loraplex_request_queue_time_seconds_sum",
+    "loraplex_request_queue_time_seconds_count",
+    "loraplex_request_prefill_time_seconds_bucket",
+    "loraplex_request_prefill_time_seconds_sum",
+    "loraplex_request_prefill_time_seconds_count",
     "loraplex_rejections_total",
     "loraplex_adapter_pool_exhausted_total",
     "loraplex_engine_steps_total",
@@ -207,6 +217,8 @@ def measure(server: Server, configs: list[BenchConfig]) -> tuple[list[dict], dic
     print(step_brief(moved, seconds), flush=True)
     if loads := load_brief(moved):
         print(loads, flush=True)
+    if waits := wait_brief(moved):
+        print(waits, flush=True)
     moved["phase_seconds"] = seconds
     return [r.summary for r in results], moved
 

@@ -210,6 +210,15 @@ def test_metrics_need_the_admin_key_and_count_requests(server, acme):
         )
     )
     assert 0 <= wait < seconds  # the wait is a part of the steps' wall time
+    # Where the completion's request waited, by tenant: the engine queue, then its prefill.
+    counts = {
+        name: float(re.search(rf'{name}_count\{{tenant="acme"\}} (\S+)', text).group(1))
+        for name in (
+            "loraplex_request_queue_time_seconds",
+            "loraplex_request_prefill_time_seconds",
+        )
+    }
+    assert all(n >= 1 for n in counts.values()), counts
 
 
 def test_probes(server):

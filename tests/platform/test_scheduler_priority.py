@@ -3,6 +3,8 @@ running requests of a worse one, and blocks are taken back from the worst priori
 
 from __future__ import annotations
 
+import time
+
 from test_scheduler import make_request, step
 
 from loraplex.platform.blocks import BlockManager
@@ -80,3 +82,23 @@ def test_blocks_are_taken_back_from_the_worst_priority_first():
     assert batch.preempted == ("flood",)
     assert shares(batch) == [("steady", 1)]
     assert [r.request_id for r in scheduler.waiting] == ["flood"]
+
+
+def test_queue_and_prefill_times_are_stamped_once():
+    scheduler = Scheduler(BlockManager(64, 4), max_num_seqs=1, max_num_batched_tokens=4)
+    first = with_priority("first", 6, 0)
+    second = with_priority("second", 2, 0)
+    for request in (first, second):
+        request.queued_at = time.monotonic()
+        scheduler.add(request)
+    step(scheduler)  # 4 of first's 6 prompt tokens: scheduled, no token yet
+    assert first.scheduled_at >= first.queued_at and first.first_token_at is None
+    assert second.scheduled_at is None  # no place: it is still queued
+    scheduled = first.scheduled_at
+    step(scheduler)
+    assert first.first_token_at >= scheduled
+    assert scheduler.preempt(
+        "first"
+    )  # recomputed later: the stamps stay the first ones
+    step(scheduler)
+    assert first.scheduled_at == scheduled and second.scheduled_at is not None

@@ -311,6 +311,20 @@ class ApiMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.queue_time = Histogram(
+            "loraplex_request_queue_time_seconds",
+            "Time an engine request waited in the engine's queue before first scheduled.",
+            ["tenant"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.prefill_time = Histogram(
+            "loraplex_request_prefill_time_seconds",
+            "Time from an engine request's first scheduled step to its first token.",
+            ["tenant"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self._admission = None  # the collector of the admission being exported
 
     def watch_pool(self, pool) -> None:
@@ -373,5 +387,9 @@ class RequestTimer:
             m.tenant_cache.add(
                 self.tenant, out.num_prompt_tokens, out.num_cached_tokens
             )
+            if out.queue_s is not None:
+                m.queue_time.labels(self.tenant).observe(out.queue_s)
+            if out.prefill_s is not None:
+                m.prefill_time.labels(self.tenant).observe(out.prefill_s)
             reason = out.finish_reason.value if out.finish_reason else "abort"
             m.success.labels(name, reason).inc()

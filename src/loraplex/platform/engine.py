@@ -214,6 +214,7 @@ class Engine:
             max_model_len=self.max_model_len,
             cache_root=self._cache_root(slot, scope or PrefixScope()),
             priority=priority,
+            queued_at=time.monotonic(),
         )
         self._requests[request_id] = request
         self.scheduler.add(request)

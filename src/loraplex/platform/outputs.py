@@ -29,6 +29,10 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # On the last output: seconds queued in the engine before first scheduled, and from
+    # then to the first token (None: it never got that far).
+    queue_s: float | None = None
+    prefill_s: float | None = None
 
 
 class IncrementalDetokenizer:
@@ -131,4 +135,13 @@ class OutputProcessor:
             len(request.prompt_token_ids),
             len(request.output_token_ids),
             request.num_cached_tokens,
+            *(_phase_times(request) if reason is not None else ()),
         )
+
+
+def _phase_times(request: Request) -> tuple[float | None, float | None]:
+    """(queue_s, prefill_s) of a request that ends."""
+    scheduled, first = request.scheduled_at, request.first_token_at
+    if scheduled is None:
+        return None, None
+    return scheduled - request.queued_at, None if first is None else first - scheduled

@@ -104,9 +104,12 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
-    priority: int = (
-        0  # lower is scheduled first (the API: 0 for tenants within their share)
-    )
+    # Lower is scheduled first (the API: 0 for tenants within their fair share).
+    priority: int = 0
+    # time.monotonic() when queued, first scheduled and first sampled: queue and prefill time
+    queued_at: float = 0.0
+    scheduled_at: float | None = None
+    first_token_at: float | None = None
     # Prefix caching: the chain root (None = never cached), the hashes of the full blocks of
     # prompt + output known so far (kept across preemptions: the tokens do not change), and the
     # prompt tokens its first admission found in the cache (OpenAI's `cached_tokens`).

@@ -26,6 +26,7 @@ prefill in progress takes what the budget leaves, so prefill chunks and decodes 
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import NamedTuple
 
@@ -157,6 +158,8 @@ class Scheduler:
         self.yielded.discard(request.request_id)
         request.status = RequestStatus.RUNNING
         request.num_computed_tokens = start
+        if request.scheduled_at is None:
+            request.scheduled_at = time.monotonic()
         if request.cache_root is not None and request.num_preemptions == 0:
             request.num_cached_tokens = start
             self.prefix_cache.record(request.num_tokens, start)
@@ -236,6 +239,7 @@ class Scheduler:
         sample_index = 0
         blocks = self.blocks
         caching, block_size = blocks.enable_caching, blocks.block_size
+        now = time.monotonic()
         for request, start, num_new, _, samples in batch.sequences:
             computed = request.num_computed_tokens = start + num_new
             if caching and request.cache_root is not None:
@@ -248,6 +252,8 @@ class Scheduler:
             if not samples:
                 continue
             token = sampled_token_ids[sample_index]
+            if not request.output_token_ids:
+                request.first_token_at = now
             request.output_token_ids.append(token)
             reason = request.check_finished()
             updates.append(RequestUpdate(request, token, reason, sample_index))
