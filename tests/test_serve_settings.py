@@ -55,3 +55,36 @@ def test_serve_refuses_bad_options_with_a_reason(capsys):
 
     assert main(["serve", "--port", "0"]) == 2
     assert "loraplex serve:" in capsys.readouterr().err
+
+
+def test_serve_sets_the_switch_interval_before_it_runs(monkeypatch):
+    import sys
+    import types
+
+    from loraplex import serve
+
+    seen = {}
+
+    class Recording:
+        def __init__(self, config, state, timeout_s):
+            pass
+
+        def run(self):
+            seen["interval"] = sys.getswitchinterval()
+
+    settings = load_settings({"switch_interval_ms": 0.5}, {})
+    server = types.SimpleNamespace(
+        settings=settings,
+        app=None,
+        state=None,
+        close=lambda: seen.setdefault("closed", 1),
+    )
+    monkeypatch.setattr(serve, "DrainingServer", Recording)
+    before = sys.getswitchinterval()
+    try:
+        serve.run(server)
+    finally:
+        sys.setswitchinterval(before)
+    assert seen == {"interval": pytest.approx(0.0005), "closed": 1}
+    with pytest.raises(ValidationError, match="switch_interval_ms"):
+        ServeSettings(switch_interval_ms=0)

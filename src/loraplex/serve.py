@@ -8,6 +8,7 @@ every layer. SIGTERM drains: readiness turns 503, new requests get 503, requests
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -295,6 +296,9 @@ class DrainingServer(uvicorn.Server):
 
 def run(server: Server) -> None:
     s = server.settings
+    # The engine thread and the HTTP thread share one interpreter lock; a thread that
+    # wants it back (a step's host work after a GPU wait) waits up to this interval.
+    sys.setswitchinterval(s.switch_interval_ms / 1e3)
     config = uvicorn.Config(
         server.app,
         host=s.host,

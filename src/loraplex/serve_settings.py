@@ -91,6 +91,14 @@ class ServeSettings(BaseSettings):
         ge=0,
         description="seconds in-flight requests get to finish on SIGTERM",
     )
+    switch_interval_ms: float = Field(
+        default=5.0,
+        gt=0,
+        le=100,
+        description="the interpreter's thread switch interval (sys.setswitchinterval), "
+        "in ms: the longest the engine thread waits for the interpreter lock while the "
+        "HTTP thread holds it; Python's default is 5",
+    )
     enable_prefix_caching: bool = Field(
         default=True,
         description="reuse the KV cache of repeated prompt prefixes "
