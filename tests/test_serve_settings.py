@@ -88,3 +88,23 @@ def test_serve_sets_the_switch_interval_before_it_runs(monkeypatch):
     assert seen == {"interval": pytest.approx(0.0005), "closed": 1}
     with pytest.raises(ValidationError, match="switch_interval_ms"):
         ServeSettings(switch_interval_ms=0)
+
+
+def test_cpu_threads_default_to_one_beside_a_gpu_only():
+    import types
+
+    import torch
+
+    from loraplex.serve import limit_cpu_threads
+
+    before = torch.get_num_threads()
+    cuda, cpu = types.SimpleNamespace(type="cuda"), types.SimpleNamespace(type="cpu")
+    try:
+        limit_cpu_threads(load_settings({}, {}), cpu)
+        assert torch.get_num_threads() == before  # a CPU engine keeps torch's default
+        limit_cpu_threads(load_settings({}, {}), cuda)
+        assert torch.get_num_threads() == 1
+        limit_cpu_threads(load_settings({"cpu_threads": 2}, {}), cpu)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -86,6 +86,7 @@ def build_server(
     engine = Engine(
         engine_config(settings, model), tokenizer=tokenizer.backend_tokenizer
     )
+    limit_cpu_threads(settings, engine.device)
     thread = EngineThread(engine).start()
     # An engine directory's max_lora_rank, maybe, rather than the settings'.
     registry = open_registry(settings, engine.spec, engine.config.max_lora_rank)
@@ -139,6 +140,17 @@ def build_server(
     server = Server(settings, state, app, services, thread, banner)
     server.start_collector()
     return server
+
+
+def limit_cpu_threads(settings: ServeSettings, device) -> None:
+    """Set torch's CPU threads (settings.cpu_threads; 1 beside a GPU). An OpenMP pool
+    belongs to the thread that runs the op: the request threads that check, copy and pack
+    adapters would each grow one of torch's default size (the CPU count)."""
+    import torch
+
+    threads = settings.cpu_threads or (1 if device.type == "cuda" else None)
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def engine_config(settings: ServeSettings, model: Path) -> EngineConfig:

@@ -91,6 +91,13 @@ class ServeSettings(BaseSettings):
         ge=0,
         description="seconds in-flight requests get to finish on SIGTERM",
     )
+    cpu_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch's CPU threads in the server; default 1 when the engine runs "
+        "on a GPU (its CPU work is adapter checks and copies, and every thread that "
+        "does torch CPU work gets a pool of this many), torch's own default on a CPU",
+    )
     switch_interval_ms: float = Field(
         default=5.0,
         gt=0,
