@@ -97,6 +97,7 @@ def build_server(
             dtype=engine.dtype,
             device=str(engine.device),
             acquire_timeout_s=settings.adapter_wait_timeout,
+            load_workers=settings.adapter_load_workers,
         ),
         EngineThreadSlotWriter(thread),
     )

@@ -81,6 +81,12 @@ class ServeSettings(BaseSettings):
         ge=0,
         description="tokens a tenant may save up (0: ten seconds of the rate)",
     )
+    adapter_load_workers: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="threads loading adapters from disk at once (read, checks, copies)",
+    )
     adapter_wait_timeout: float = Field(
         default=10.0,
         gt=0,
