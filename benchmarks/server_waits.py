@@ -6,10 +6,12 @@ from __future__ import annotations
 
 def wait_brief(moved: dict) -> str:
     """Where the phase's requests waited, per tenant, from the server's histograms: mean and
-    p99 (the upper bound of the bucket holding it) of admission, engine queue and prefill."""
+    p99 (the upper bound of the bucket holding it) of admission, setup (admission, pin and
+    hand-over), engine queue and prefill."""
     parts = []
     for what, name in (
         ("admission", "loraplex_admission_wait_seconds"),
+        ("setup", "loraplex_request_setup_seconds"),
         ("queue", "loraplex_request_queue_time_seconds"),
         ("prefill", "loraplex_request_prefill_time_seconds"),
     ):

@@ -207,3 +207,22 @@ def test_a_deleted_tenant_frees_its_name_and_its_keys_stop_working(tenants):
         tenants.get(acme.id)
     assert [t.name for t in tenants.list()] == []
     assert tenants.create("acme").id != acme.id  # the name is free again
+
+
+def test_adapter_last_used_is_written_at_most_once_per_interval(tmp_path):
+    now = [1000.0]
+    catalog = Catalog(tmp_path / "touch.db", clock=lambda: now[0], touch_interval_s=10)
+    acme = Tenants(catalog).create("acme")
+    adapter = catalog.begin_upload(acme.id, "bot")
+    try:
+        assert catalog.get(adapter.id).last_used_at is None
+        catalog.touch(adapter.id)  # the first use is written at once
+        assert catalog.get(adapter.id).last_used_at == 1000.0
+        now[0] = 1009.0
+        catalog.touch(adapter.id)  # within the interval: no write
+        assert catalog.get(adapter.id).last_used_at == 1000.0
+        now[0] = 1010.0
+        catalog.touch(adapter.id)
+        assert catalog.get(adapter.id).last_used_at == 1010.0
+    finally:
+        catalog.close()

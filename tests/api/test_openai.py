@@ -214,6 +214,7 @@ def test_metrics_need_the_admin_key_and_count_requests(server, acme):
     counts = {
         name: float(re.search(rf'{name}_count\{{tenant="acme"\}} (\S+)', text).group(1))
         for name in (
+            "loraplex_request_setup_seconds",
             "loraplex_request_queue_time_seconds",
             "loraplex_request_prefill_time_seconds",
         )

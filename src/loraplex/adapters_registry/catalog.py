@@ -12,6 +12,7 @@ corrupt when the stored files no longer match their sha256.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import uuid
@@ -40,11 +41,16 @@ class Catalog:
         path: Path,
         busy_timeout_s: float = 5.0,
         clock: Callable[[], float] = time.time,
+        touch_interval_s: float = 10.0,
     ) -> None:
         self.path = path
         self.db: Database = connect(path, busy_timeout_s)
         self.clock = clock
         self.lock = threading.RLock()
+        self.touch_interval_s = (
+            touch_interval_s  # adapters' last_used_at, at most this often
+        )
+        self._touched: dict[int, float] = {}  # adapter id -> last_used_at last written
 
     def close(self) -> None:
         """Checkpoint the WAL and close the connection."""
@@ -214,11 +220,18 @@ class Catalog:
             self.log_event("deleted", adapter_id, detail, adapter.tenant_id)
 
     def touch(self, adapter_id: int) -> None:
-        """Record that a request used the adapter now."""
+        """Record that a request used the adapter now, at most once every
+        `touch_interval_s` per adapter: a commit (with its fsync) per request held the
+        catalog's one lock, behind which every request's key and adapter lookups wait."""
+        now = self.clock()
+        with self.lock:
+            if now - self._touched.get(adapter_id, -math.inf) < self.touch_interval_s:
+                return
+            self._touched[adapter_id] = now
         with self.write() as db:
             db.execute(
                 "UPDATE adapters SET last_used_at = ? WHERE id = ?",
-                [self.clock(), adapter_id],
+                [now, adapter_id],
             )
 
     def get(self, adapter_id: int) -> Adapter:

@@ -25,6 +25,12 @@ from loraplex.platform import EngineStats, RequestOutput
 from .admission_metrics import AdmissionCollector
 from .step_metrics import step_families
 
+# Where a call's time to first token goes, by tenant (beside the admission wait).
+_CALL_PHASES = (
+    ("loraplex_request_setup_seconds", "Parsed prompt to engine requests queued."),
+    ("loraplex_request_queue_time_seconds", "Engine queue to first scheduled."),
+    ("loraplex_request_prefill_time_seconds", "First scheduled step to first token."),
+)
 _LATENCY_BUCKETS = (
     0.001,
     0.005,
@@ -311,19 +317,11 @@ class ApiMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.queue_time = Histogram(
-            "loraplex_request_queue_time_seconds",
-            "Time an engine request waited in the engine's queue before first scheduled.",
-            ["tenant"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.prefill_time = Histogram(
-            "loraplex_request_prefill_time_seconds",
-            "Time from an engine request's first scheduled step to its first token.",
-            ["tenant"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
+        self.setup_time, self.queue_time, self.prefill_time = (
+            Histogram(
+                n, h, ["tenant"], buckets=_LATENCY_BUCKETS, registry=self.registry
+            )
+            for n, h in _CALL_PHASES
         )
         self._admission = None  # the collector of the admission being exported
 
@@ -367,6 +365,11 @@ class RequestTimer:
         self.tenant = tenant
         self.started = time.monotonic()
         self.last_token: float | None = None
+
+    def queued(self) -> None:
+        """The call's engine request is queued: its setup time ends."""
+        elapsed = time.monotonic() - self.started
+        self.metrics.setup_time.labels(self.tenant).observe(elapsed)
 
     def observe(self, out: RequestOutput) -> None:
         m, name = self.metrics, self.metrics.model_name

@@ -133,6 +133,8 @@ async def create_completion(
     turn = admitted(state, principal, body.model, len(fan), tokens, request.receive)
     async with turn as (placement, release):
         streams = await submit(state, "cmpl", [p for p, _ in fan], params, placement)
+        for timer in timers:
+            timer.queued()
         if body.stream:
             include_usage = bool(
                 body.stream_options and body.stream_options.include_usage
@@ -231,6 +233,8 @@ async def create_chat_completion(
     turn = admitted(state, principal, body.model, len(fan), tokens, request.receive)
     async with turn as (placement, release):
         streams = await submit(state, "chat", [p for p, _ in fan], params, placement)
+        for timer in timers:
+            timer.queued()
         if body.stream:
             include_usage = bool(
                 body.stream_options and body.stream_options.include_usage
