@@ -1,9 +1,9 @@
-# Issue 8 fairness on one GPU (~5 min): the N = 8 phase (for the base rate) and tenant fairness
+# Issue 8 fairness on one GPU (~6 min; 120 steady-tenant requests a phase since 09e4c52): the N = 8 phase (for the base rate) and tenant fairness
 # only, with where the steady tenant's requests waited (admission, engine queue, prefill), then
 # the adapter staging GPU tests (test_stage_adapter.py[cuda]).
 source benchmarks/gpu_session/common.sh
-timeout -k 30 330 python3 benchmarks/bench_serve_scale.py --out $OUT/serve_scale \
-  --commit "$LORAPLEX_COMMIT" --sizes 8 --skip ttft --requests 400 \
+timeout -k 30 400 python3 benchmarks/bench_serve_scale.py --out $OUT/serve_scale \
+  --commit "$LORAPLEX_COMMIT" --sizes 8 --skip ttft --requests 400 --fair-requests 120 \
   > $OUT/serve_scale.log 2>&1
 echo "bench_serve_scale rc=$?"; grep -E '^(equal|flood|waits|steps)' $OUT/serve_scale.log | tail -8
 tail -8 $OUT/serve_scale.log
