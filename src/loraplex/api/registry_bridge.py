@@ -67,16 +67,21 @@ class RegistryResolver:
         """
         if principal.tenant_id is None:
             return None
+        # One worker-thread hop for the three steps: under load each hop waits for a
+        # thread and for the interpreter lock.
+        return await asyncio.to_thread(self._acquire, principal.tenant_id, name, wait_s)
+
+    def _acquire(
+        self, tenant_id: str, name: str, wait_s: float | None
+    ) -> PoolLease | None:
         try:
-            adapter = await asyncio.to_thread(
-                self.registry.resolve, principal.tenant_id, name
-            )
+            adapter = self.registry.resolve(tenant_id, name)
         except (AdapterNotFound, NameInvalid):
             return None
-        slot = await asyncio.to_thread(self.pool.acquire, adapter.id, wait_s)
+        slot = self.pool.acquire(adapter.id, wait_s)
         lease = PoolLease(self.pool, adapter.id, slot, adapter.sha256)
         try:
-            await asyncio.to_thread(self.registry.catalog.touch, adapter.id)
+            self.registry.catalog.touch(adapter.id)
         except BaseException:
             lease.release()
             raise
