@@ -8,6 +8,7 @@ import time
 from test_scheduler import make_request, step
 
 from loraplex.platform.blocks import BlockManager
+from loraplex.platform.request import FinishReason
 from loraplex.platform.scheduler import Scheduler
 
 
@@ -28,11 +29,17 @@ def test_a_better_priority_prompt_goes_ahead_of_a_worse_running_prefill():
     scheduler.add(with_priority("flood-decode", 2, 1, max_tokens=8))
     scheduler.add(with_priority("flood-long", 40, 1))
     step(scheduler)  # flood-decode's prompt and 8 tokens of flood-long's
-    scheduler.add(with_priority("steady", 6, 0))
+    steady = with_priority("steady", 6, 0)
+    scheduler.add(steady)
     batch, _ = step(scheduler)
     # Without priorities the running requests take the budget first (1 + 9), and
-    # steady waits a step.
-    assert shares(batch) == [("steady", 6), ("flood-decode", 1), ("flood-long", 3)]
+    # steady waits a step. With steady in, flood-long's prompt gets a quarter (2 of 10).
+    assert shares(batch) == [("steady", 6), ("flood-decode", 1), ("flood-long", 2)]
+    batch, _ = step(scheduler)  # steady decodes: the worse prompt still gets 2
+    assert shares(batch) == [("steady", 1), ("flood-decode", 1), ("flood-long", 2)]
+    scheduler.finish(steady, FinishReason.ABORT)
+    batch, _ = step(scheduler)  # priority 1 is the best now: the whole budget
+    assert shares(batch) == [("flood-decode", 1), ("flood-long", 9)]
 
 
 def test_equal_priorities_keep_running_first_then_first_come_first_served():
@@ -66,6 +73,10 @@ def test_add_queues_by_priority_ahead_of_yielded_and_worse_requests():
         "running",
         "w2",
     ]
+    assert not scheduler.preempt(
+        "w0"
+    )  # a waiting one: last of its priority, not of all
+    assert [r.request_id for r in scheduler.waiting][:3] == ["w0b", "w0", "w1"]
 
 
 def test_blocks_are_taken_back_from_the_worst_priority_first():

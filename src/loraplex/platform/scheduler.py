@@ -13,8 +13,10 @@ prefill in progress takes what the budget leaves, so prefill chunks and decodes 
          budget, max_num_seqs and free blocks allow, each possibly as a partial (chunked) prefill.
       Requests carry a priority (lower first; the API gives tenants under their fair share 0):
       a waiting request goes ahead of the running requests of a worse priority, which take
-      what budget it leaves, and blocks are taken back from the worst priority first. With one
-      priority, as a rule, this is the order above.
+      what budget it leaves, and blocks are taken back from the worst priority first. While
+      the best priority has requests, the prompts of worse ones share a quarter of the budget
+      a step (decodes are not limited), so that steps stay short for the better priority's
+      first tokens. With one priority, as a rule, this is the order above.
          With prefix caching, a request first takes the longest cached run of full blocks of its
          tokens (never all of them: the last token is computed, for its logits) and starts its
          num_computed_tokens there; cached tokens cost no budget.
@@ -26,6 +28,7 @@ prefill in progress takes what the budget leaves, so prefill chunks and decodes 
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from typing import NamedTuple
@@ -48,17 +51,33 @@ class RequestUpdate(NamedTuple):
     sample_index: int | None  # row of the sampler output this request used
 
 
-class _Step:
-    """The batch being built: its sequences, the requests preempted for blocks, the budget."""
+# While the best priority has requests, worse priorities' prompts get 1/this of a step's budget.
+WORSE_PROMPT_SHARE = 4
 
-    def __init__(self, budget: int) -> None:
+
+class _Step:
+    """The batch being built: its sequences, the requests preempted for blocks, the budget,
+    and what is left of the share of prompt tokens of priorities worse than `best`."""
+
+    def __init__(self, budget: int, best: float, worse_prompt_tokens: int) -> None:
         self.budget = budget
+        self.best = best
+        self.worse_prompt_tokens = worse_prompt_tokens
         self.scheduled: list[ScheduledSequence] = []
         self.preempted: list[str] = []
+
+    def grant(self, request: Request, wanted: int) -> int:
+        """How many of `wanted` tokens `request` may compute in this step."""
+        num_new = min(wanted, self.budget)
+        if num_new > 1 and request.priority > self.best:
+            num_new = min(num_new, self.worse_prompt_tokens)
+        return num_new
 
     def add(self, sequence: ScheduledSequence) -> None:
         self.scheduled.append(sequence)
         self.budget -= sequence.num_new_tokens
+        if sequence.num_new_tokens > 1 and sequence.request.priority > self.best:
+            self.worse_prompt_tokens -= sequence.num_new_tokens
 
 
 def _priority(request: Request) -> int:
@@ -98,9 +117,14 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         """The requests of the next step and how many tokens of each (the module's rules)."""
-        step = _Step(self.max_num_batched_tokens)
         # Stable: oldest first within a priority; blocks are taken back from the end.
         order = sorted(self.running, key=_priority)
+        best = min(
+            order[0].priority if order else math.inf,
+            self.waiting[0].priority if self.waiting else math.inf,
+        )
+        budget = self.max_num_batched_tokens
+        step = _Step(budget, best, budget // WORSE_PROMPT_SHARE)
         pos = 0
         admitting = (
             True  # no new request once one did not fit, or blocks were taken back
@@ -128,7 +152,9 @@ class Scheduler:
         newest) while they are short; False when it was itself the one to give them."""
         request = order[pos]
         start = request.num_computed_tokens
-        num_new = min(request.num_tokens - start, step.budget)
+        num_new = step.grant(request, request.num_tokens - start)
+        if num_new == 0:
+            return True  # a worse priority's prompt, past its share: not in this step
         table = self.blocks.try_allocate(request.request_id, start + num_new)
         while (
             table is None
@@ -151,8 +177,10 @@ class Scheduler:
         assert request.num_computed_tokens == 0, "waiting requests hold no KV"
         cached = self._find_cached(request)
         start = len(cached) * self.blocks.block_size
-        num_new = min(request.num_tokens - start, step.budget)
-        if not self.blocks.can_allocate(request.request_id, start + num_new, cached):
+        num_new = step.grant(request, request.num_tokens - start)
+        if num_new == 0 or not self.blocks.can_allocate(
+            request.request_id, start + num_new, cached
+        ):
             return False
         self.waiting.popleft()
         self.yielded.discard(request.request_id)
@@ -203,9 +231,9 @@ class Scheduler:
         waiting = next((r for r in self.waiting if r.request_id == request_id), None)
         if running is not None:
             self._preempt(running, last=True)
-        elif waiting is not None:
+        elif waiting is not None:  # to the end of its priority
             self.waiting.remove(waiting)
-            self.waiting.append(waiting)
+            self._queue(waiting, last=True)
         else:
             return False
         self.yielded.add(request_id)
@@ -220,6 +248,10 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.num_preemptions += 1
+        self._queue(request, last)
+
+    def _queue(self, request: Request, last: bool) -> None:
+        """Queue a request at the end (`last`) or the front of its priority."""
         waiting, priority = self.waiting, request.priority
         if last:  # the end of its priority
             at = len(waiting)
