@@ -7,13 +7,14 @@ from __future__ import annotations
 def wait_brief(moved: dict) -> str:
     """Where the phase's requests waited, per tenant, from the server's histograms: mean and
     p99 (the upper bound of the bucket holding it) of admission, setup (admission, pin and
-    hand-over), engine queue and prefill."""
+    hand-over), engine queue, prefill and delivery."""
     parts = []
     for what, name in (
         ("admission", "loraplex_admission_wait_seconds"),
         ("setup", "loraplex_request_setup_seconds"),
         ("queue", "loraplex_request_queue_time_seconds"),
         ("prefill", "loraplex_request_prefill_time_seconds"),
+        ("delivery", "loraplex_request_delivery_seconds"),
     ):
         by_tenant: dict[str, dict] = {}
         for key, value in moved.items():

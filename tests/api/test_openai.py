@@ -217,6 +217,7 @@ def test_metrics_need_the_admin_key_and_count_requests(server, acme):
             "loraplex_request_setup_seconds",
             "loraplex_request_queue_time_seconds",
             "loraplex_request_prefill_time_seconds",
+            "loraplex_request_delivery_seconds",
         )
     }
     assert all(n >= 1 for n in counts.values()), counts

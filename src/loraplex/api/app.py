@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from . import adapter_routes, admin_routes, openai_routes, ops_routes
+from .arrival import ArrivalStamp
 from .body_limit import BodySizeLimit
 from .errors import install_error_handlers
 from .state import ApiState
@@ -24,4 +25,5 @@ def create_app(state: ApiState, max_body_bytes: int = 1 << 30) -> FastAPI:
     app.include_router(adapter_routes.router)
     app.include_router(admin_routes.router)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    app.add_middleware(ArrivalStamp)  # added last: outermost, so it stamps first
     return app

@@ -20,16 +20,18 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from loraplex.platform import EngineStats, RequestOutput
+from loraplex.platform import EngineStats
 
 from .admission_metrics import AdmissionCollector
+from .request_timer import RequestTimer
 from .step_metrics import step_families
 
 # Where a call's time to first token goes, by tenant (beside the admission wait).
 _CALL_PHASES = (
-    ("loraplex_request_setup_seconds", "Parsed prompt to engine requests queued."),
+    ("loraplex_request_setup_seconds", "Arrival to engine requests queued."),
     ("loraplex_request_queue_time_seconds", "Engine queue to first scheduled."),
     ("loraplex_request_prefill_time_seconds", "First scheduled step to first token."),
+    ("loraplex_request_delivery_seconds", "The rest of the time to first token."),
 )
 _LATENCY_BUCKETS = (
     0.001,
@@ -317,7 +319,7 @@ class ApiMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.setup_time, self.queue_time, self.prefill_time = (
+        self.setup_time, self.queue_time, self.prefill_time, self.delivery_time = (
             Histogram(
                 n, h, ["tenant"], buckets=_LATENCY_BUCKETS, registry=self.registry
             )
@@ -352,47 +354,10 @@ class ApiMetrics:
     def _admission_waiting(self) -> int:
         return self._admission.admission.stats().waiting if self._admission else 0
 
-    def timer(self, tenant: str, model: str) -> RequestTimer:
+    def timer(
+        self, tenant: str, model: str, arrived: float | None = None
+    ) -> RequestTimer:
+        """The latency bookkeeping of one engine request of a call that `arrived` then
+        (time.monotonic(); default now)."""
         self.tenant_requests.labels(tenant, model).inc()
-        return RequestTimer(self, tenant)
-
-
-class RequestTimer:
-    """Latency bookkeeping of one engine request (one choice)."""
-
-    def __init__(self, metrics: ApiMetrics, tenant: str) -> None:
-        self.metrics = metrics
-        self.tenant = tenant
-        self.started = time.monotonic()
-        self.last_token: float | None = None
-
-    def queued(self) -> None:
-        """The call's engine request is queued: its setup time ends."""
-        elapsed = time.monotonic() - self.started
-        self.metrics.setup_time.labels(self.tenant).observe(elapsed)
-
-    def observe(self, out: RequestOutput) -> None:
-        m, name = self.metrics, self.metrics.model_name
-        now = time.monotonic()
-        tokens = len(out.new_token_ids)
-        if tokens:
-            if self.last_token is None:
-                m.ttft.labels(name).observe(now - self.started)
-            else:
-                m.itl.labels(name).observe((now - self.last_token) / tokens)
-            self.last_token = now
-            m.generation_tokens.labels(name).inc(tokens)
-            m.tenant_tokens.labels(self.tenant, "generated").inc(tokens)
-        if out.finished:
-            m.e2e.labels(name).observe(now - self.started)
-            m.prompt_tokens.labels(name).inc(out.num_prompt_tokens)
-            m.tenant_tokens.labels(self.tenant, "prompt").inc(out.num_prompt_tokens)
-            m.tenant_cache.add(
-                self.tenant, out.num_prompt_tokens, out.num_cached_tokens
-            )
-            if out.queue_s is not None:
-                m.queue_time.labels(self.tenant).observe(out.queue_s)
-            if out.prefill_s is not None:
-                m.prefill_time.labels(self.tenant).observe(out.prefill_s)
-            reason = out.finish_reason.value if out.finish_reason else "abort"
-            m.success.labels(name, reason).inc()
+        return RequestTimer(self, tenant, arrived)

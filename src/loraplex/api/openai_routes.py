@@ -113,7 +113,8 @@ async def create_completion(
     rid = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     results = [ChoiceResult(i, len(p)) for i, (p, _) in enumerate(fan)]
-    timers = [state.metrics.timer(principal.label, body.model) for _ in fan]
+    arrived = getattr(request.state, "arrived", None)
+    timers = [state.metrics.timer(principal.label, body.model, arrived) for _ in fan]
     prompt_tokens = sum(len(p) for p in prompts)
 
     def choice(r: ChoiceResult, text: str, tokens, lps, offset: int, reason) -> dict:
@@ -220,7 +221,8 @@ async def create_chat_completion(
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     results = [ChoiceResult(i, len(prompt)) for i in range(len(fan))]
-    timers = [state.metrics.timer(principal.label, body.model) for _ in fan]
+    arrived = getattr(request.state, "arrived", None)
+    timers = [state.metrics.timer(principal.label, body.model, arrived) for _ in fan]
 
     def lp(tokens, lps):
         return (
