@@ -1,15 +1,21 @@
-"""Engine priorities from fair share (api/fair_share.py): a call is priority 0 while its tenant
-holds no more than an equal share of the places among the tenants running now or lately, 1
-beyond; the priority reaches the engine's request."""
+"""Engine priorities from fair share (api/fair_share.py): a call is priority 0 while its
+tenant holds no more than an equal share of the places among the tenants running now or
+lately, 1 beyond, and the priority reaches the engine's request. And a tenant at its limit
+of calls is refused before any adapter lookup."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
+import pytest
 from test_fair_share import Clock, _admission
 
 from loraplex.api import EngineClient
 from loraplex.api.engine_client import Submission
+from loraplex.api.errors import ApiError
+from loraplex.api.inference import admitted
+from loraplex.api.state import Principal
 from loraplex.platform import Engine, EngineConfig, EngineThread, SamplingParams
 
 
@@ -79,3 +85,28 @@ def test_the_submission_priority_reaches_the_engine_request(demo_assets):
     finally:
         thread.stop()
     assert seen == {"low": 1, "high": 0}
+
+
+def test_a_tenant_at_its_limit_is_refused_before_any_adapter_lookup(api_state):
+    located = []
+
+    class Locating:
+        def locate(self, principal, model):
+            located.append(model)
+            return model
+
+    state = dataclasses.replace(api_state, resolver=Locating())
+    state.active_by_tenant = type(api_state.active_by_tenant)()
+    limit = state.admission.config.max_per_tenant
+    state.active_by_tenant["acme"] = limit
+    rejected = state.metrics.rejections.labels("tenant_limit")._value.get()
+
+    async def call():
+        async with admitted(state, Principal("acme"), "pirate"):
+            pass
+
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(call())
+    assert refused.value.status == 429 and refused.value.retry_after == 1
+    assert located == []  # no worker thread, no catalog query for it
+    assert state.metrics.rejections.labels("tenant_limit")._value.get() == rejected + 1

@@ -156,6 +156,10 @@ async def admitted(
         reason, status, message, retry_after = rejection
         state.metrics.rejections.labels(reason).inc()
         raise ApiError(status, message, retry_after=retry_after)
+    if state.active_by_tenant[tenant] >= state.admission.config.max_per_tenant:
+        # Admission would refuse it too; before the adapter lookup, a flooding tenant's
+        # extra calls cost no worker thread and no catalog query.
+        raise _refused(state, Refused.of("tenant_limit", 1))
     key = None
     if model != state.config.served_model_name:
         key = await _locate(state, principal, model)
@@ -225,15 +229,18 @@ def _gone(receive):
     return disconnected
 
 
+def _refused(state: ApiState, exc: Refused) -> ApiError:
+    """Admission's refusal, counted, in the one error shape."""
+    state.metrics.rejections.labels(exc.reason).inc()
+    return ApiError(exc.status, str(exc), code=exc.code, retry_after=exc.retry_after)
+
+
 async def _turn(state: ApiState, waiting):
     """Await admission (`waiting`); its refusals in the one error shape."""
     try:
         return await waiting
     except Refused as exc:
-        state.metrics.rejections.labels(exc.reason).inc()
-        raise ApiError(
-            exc.status, str(exc), code=exc.code, retry_after=exc.retry_after
-        ) from None
+        raise _refused(state, exc) from None
     except ClientGone:
         # Nobody reads this answer; 499 is the status proxies log for it.
         raise ApiError(499, "the client closed the request while it waited") from None
