@@ -125,7 +125,9 @@ def _add_serve(inner) -> None:
         "--tenant-weights",
         type=_floats,
         default=[],
-        help="relative load of each --api-key, comma-separated (default equal)",
+        help="relative load of each --api-key, comma-separated (default equal); the "
+        "tenants share this client's event loop, so to measure fairness between tenants "
+        "run one `loraplex bench serve` per tenant",
     )
     g = p.add_argument_group("load")
     g.add_argument(
