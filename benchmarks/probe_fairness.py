@@ -29,6 +29,8 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from bench_api_overhead import FAKE_STEP
+from bench_serve_scale import summary_of
 from bench_serve_setup import SMOKE, register, write_model_dir
 from loraplex.loadgen import (
     BenchConfig,
@@ -40,8 +42,6 @@ from loraplex.loadgen import (
 from provenance import git_commit
 from serve_child import ServerProcess
 from server_waits import wait_brief
-
-FAKE_STEP = Path(__file__).resolve().parent / "fake_step"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,10 +68,6 @@ def flat(samples: dict) -> dict[str, float]:
         f"{name}{{{','.join(f'{k}={v}' for k, v in labels)}}}": value
         for (name, labels), value in samples.items()
     }
-
-
-def summary_of(config: BenchConfig) -> dict:
-    return asyncio.run(arun(config)).summary
 
 
 def phase(server, keys, factor: int, args) -> dict:
