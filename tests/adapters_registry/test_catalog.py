@@ -224,5 +224,8 @@ def test_adapter_last_used_is_written_at_most_once_per_interval(tmp_path):
         now[0] = 1010.0
         catalog.touch(adapter.id)
         assert catalog.get(adapter.id).last_used_at == 1010.0
+        catalog.mark_failed(adapter.id, "gone")
+        catalog.remove(adapter.id)
+        assert adapter.id not in catalog._touched  # removed versions are forgotten
     finally:
         catalog.close()

@@ -218,6 +218,9 @@ class Catalog:
                 )
             db.execute("DELETE FROM adapters WHERE id = ?", [adapter_id])
             self.log_event("deleted", adapter_id, detail, adapter.tenant_id)
+            self._touched.pop(
+                adapter_id, None
+            )  # churned versions leave no entry behind
 
     def touch(self, adapter_id: int) -> None:
         """Record that a request used the adapter now, at most once every

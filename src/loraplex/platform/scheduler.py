@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from operator import attrgetter
 from typing import NamedTuple
 
 from .batch import ScheduledBatch, ScheduledSequence
@@ -80,10 +81,6 @@ class _Step:
             self.worse_prompt_tokens -= sequence.num_new_tokens
 
 
-def _priority(request: Request) -> int:
-    return request.priority
-
-
 class Scheduler:
     """Decides, each step, which requests run and how many of their tokens are computed."""
 
@@ -118,7 +115,7 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         """The requests of the next step and how many tokens of each (the module's rules)."""
         # Stable: oldest first within a priority; blocks are taken back from the end.
-        order = sorted(self.running, key=_priority)
+        order = sorted(self.running, key=attrgetter("priority"))
         best = min(
             order[0].priority if order else math.inf,
             self.waiting[0].priority if self.waiting else math.inf,
@@ -126,9 +123,8 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         step = _Step(budget, best, budget // WORSE_PROMPT_SHARE)
         pos = 0
-        admitting = (
-            True  # no new request once one did not fit, or blocks were taken back
-        )
+        # No new request once one did not fit, or blocks were taken back.
+        admitting = True
         while step.budget > 0:
             room = admitting and self.waiting and len(self.running) < self.max_num_seqs
             head = self.waiting[0] if room else None
