@@ -12,15 +12,15 @@ place frees). The tenant giving places is the one running the most, and it gives
   counting this call, and the giver keeps a request running: a tenant that sends less than
   the other is served first, its bursts included (and not taken back).
 
-A tenant alone never loses a place.
+A tenant alone never loses a place. Requests that never gave their place go first; one that
+did may give it again once it runs again, never while admission counts it as waiting. (It
+runs at least one step in between: one whose recompute needs more than a step's token
+budget may be cut again before it samples, as with preemption for KV blocks.)
 
 Calls also get an engine priority (`priority`): 0 while their tenant, with them, holds no
 more than an equal share of the places among the tenants running now or lately, 1 beyond.
 The engine computes priority-0 prompts ahead of the prompts of priority 1, so a tenant
-within its share does not wait behind a flooding tenant's prefills for its first token. Requests that never gave their place go first; one that
-did may give it again once it runs again, never while admission counts it as waiting. (It
-runs at least one step in between: one whose recompute needs more than a step's token
-budget may be cut again before it samples, as with preemption for KV blocks.)
+within its share does not wait behind a flooding tenant's prefills for its first token.
 """
 
 from __future__ import annotations
