@@ -6,7 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
+from loraplex.kernels.sgmv import rank_major
+
 POPULARITY = ("distinct", "uniform", "zipf", "identical", "skewed")
+# B's memory layouts (kernels/sgmv/layout.py): unit stride along the rank, or along the output
+# (rank-major storage seen through a transpose, the slot pool's).
+B_LAYOUTS = ("out_major", "rank_major")
 
 
 def token_slots_for(
@@ -37,7 +42,7 @@ class Problem:
     x: torch.Tensor  # [T, in]
     y: torch.Tensor  # [T, out]
     lora_a: torch.Tensor  # [slots, S * R, in]
-    lora_b: torch.Tensor  # [slots, out, R]
+    lora_b: torch.Tensor  # [slots, out, R], out-major or rank-major (B_LAYOUTS)
     ranks: torch.Tensor  # [slots, S] int32
     scales: torch.Tensor  # [slots, S] float32
     slice_offsets: tuple[int, ...]
@@ -60,9 +65,10 @@ def make_problem(
     dtype: torch.dtype,
     rank_choices: tuple[int, ...] | None = None,
     device: str | torch.device = "cpu",
+    b_layout: str = "out_major",
 ) -> Problem:
     """Fresh random inputs (never zeros), drawn on `device`; A and B scaled so that the delta
-    is O(1) like y.
+    is O(1) like y, B laid out as `b_layout` says (one of B_LAYOUTS).
 
     Ranks are drawn from `rank_choices` (default 0..max_rank, so some slices are untargeted)
     per slot and slice; every value past a slot's rank is NaN, which a kernel must never read.
@@ -92,11 +98,16 @@ def make_problem(
             lora_a[s, i * max_rank + r : (i + 1) * max_rank] = float("nan")
             lora_b[s, offsets[i] : offsets[i + 1], r:] = float("nan")
     slots = token_slots_for(pattern, num_tokens, num_slots, host_gen)
+    lora_b = lora_b.to(dtype)
+    if b_layout == "rank_major":
+        lora_b = rank_major(lora_b)
+    elif b_layout != "out_major":
+        raise ValueError(b_layout)
     return Problem(
         x=x.to(dtype),
         y=y.to(dtype),
         lora_a=lora_a.to(dtype),
-        lora_b=lora_b.to(dtype),
+        lora_b=lora_b,
         ranks=ranks.to(device),
         scales=scales.to(device),
         slice_offsets=offsets,

@@ -4,7 +4,9 @@ Like test_sgmv_triton.py: the cases run in a child pytest with TRITON_INTERPRET=
 shapes, fp32 and fp16. v comes from the float64 definition of the shrink, rounded to float32,
 with every entry no (token, column within rank) pair owns poisoned with NaN; B is NaN past each
 slot's rank (sgmv_cases.make_problem); y is a view into wider rows whose padding is NaN. Every
-case draws fresh random inputs.
+case draws fresh random inputs. The mixed-rank, rank-loop and base-only cases run with B in both
+layouts (`B_LAYOUTS`): rank-major B is read exactly to the rank, out-major B to the rank rounded
+up to 8.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import itertools
 
 import pytest
 import torch
-from sgmv_cases import POPULARITY, expected_y, make_problem, poisoned_v
+from sgmv_cases import B_LAYOUTS, POPULARITY, expected_y, make_problem, poisoned_v
 from sgmv_cases import relative_error as rel
 
 from interpreter import run_in_interpreter
@@ -90,15 +92,18 @@ def _config(block_n=16, blocks=2, **options):
 
 
 @interpreted
-@pytest.mark.parametrize("max_rank", [12, 16])
+@pytest.mark.parametrize(
+    "max_rank,b_layout", [(12, "out_major"), (16, "out_major"), (16, "rank_major")]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("pattern", POPULARITY)
-def test_every_popularity_multi_slice_mixed_ranks(pattern, dtype, max_rank):
+def test_every_popularity_multi_slice_mixed_ranks(pattern, dtype, max_rank, b_layout):
     """Decode tiles (up to 16 tokens), ranks 0..max_rank per slot and slice, slot -1 tokens.
-    max_rank 16: B and v are read to the rank rounded up to 8 and zeroed past the rank (NaN
-    there); max_rank 12: read only to the rank."""
+    max_rank 16: v, and out-major B, are read to the rank rounded up to 8 and zeroed past the
+    rank (NaN there); max_rank 12, or rank-major B: read only to the rank (rank-major B in a
+    pool whose max_rank is no multiple of 8: test_ranks_past_the_first_rank_step, R = 20)."""
     seed = 200 + POPULARITY.index(pattern) + max_rank
-    p = _problem(seed, pattern, dtype, max_rank=max_rank)
+    p = _problem(seed, pattern, dtype, max_rank=max_rank, b_layout=b_layout)
     segments = build_segments(p.token_slots, tile_tokens=16)
     _check(p, *_expand(p, segments, _config(blocks=2)))
 
@@ -124,22 +129,26 @@ def test_blocks_per_program_and_schedules(options, widths):
 
 
 @interpreted
+@pytest.mark.parametrize("b_layout", B_LAYOUTS)
 @pytest.mark.parametrize("prefetch", [True, False])
 @pytest.mark.parametrize("max_rank", [20, 24, 40])
-def test_ranks_past_the_first_rank_step(max_rank, prefetch):
+def test_ranks_past_the_first_rank_step(max_rank, prefetch, b_layout):
     """Ranks 0..max_rank in 16-wide steps: one narrow step up to 16, then the first BLOCK_R
     step and the further ones only up to each slot's rank."""
-    p = _problem(220 + max_rank, "uniform", torch.float32, max_rank=max_rank)
+    shape = {"max_rank": max_rank, "b_layout": b_layout}
+    p = _problem(220 + max_rank, "uniform", torch.float32, **shape)
     segments = build_segments(p.token_slots, tile_tokens=16)
     config = _config(blocks=3, prefetch=prefetch, block_r=16)
     _check(p, *_expand(p, segments, config))
 
 
 @interpreted
+@pytest.mark.parametrize("b_layout", B_LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_mixed_ranks_one_wide_step(dtype):
+def test_mixed_ranks_one_wide_step(dtype, b_layout):
     """Ranks 8, 16 and 64 in a pool of max_rank 64 (one BLOCK_R = 64 step past rank 16)."""
-    p = _problem(230, "distinct", dtype, max_rank=64, rank_choices=(8, 16, 64, 0))
+    shape = {"max_rank": 64, "rank_choices": (8, 16, 64, 0), "b_layout": b_layout}
+    p = _problem(230, "distinct", dtype, **shape)
     segments = build_segments(p.token_slots, tile_tokens=16)
     _check(p, *_expand(p, segments, _config(blocks=2)))
 
@@ -167,9 +176,10 @@ def test_empty_segments_from_a_slot_tensor(pattern):
 
 
 @interpreted
-def test_tiles_wider_than_decode_and_only_base_tokens():
+@pytest.mark.parametrize("b_layout", B_LAYOUTS)
+def test_tiles_wider_than_decode_and_only_base_tokens(b_layout):
     """32-token tiles (BLOCK_M 32) hold one adapter's run; then a batch of base-only tokens."""
-    p = _problem(260, "skewed", torch.float16, num_tokens=40)
+    p = _problem(260, "skewed", torch.float16, num_tokens=40, b_layout=b_layout)
     _check(p, *_expand(p, build_segments(p.token_slots, tile_tokens=32), _config()))
     p.token_slots = [-1] * len(p.token_slots)
     y, padding = _expand(p, build_segments(p.token_slots), _config())

@@ -3,14 +3,21 @@
 The decode shapes of benchmarks/bench_sgmv.py (Llama-3.1-8B LoRA linears at rank 16, T = 1, 16,
 64, 256 tokens, one adapter per token), in bf16 and fp32, plus a share of base-only tokens; the
 configs the benchmark sweeps; mixed ranks; a CUDA graph replayed on batches unlike the captured
-one. v is the float64 shrink rounded to float32, NaN wherever not owned.
+one; each with B in both layouts (out-major, and rank-major as the slot pool holds it). v is the
+float64 shrink rounded to float32, NaN wherever not owned.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from sgmv_cases import expected_y, make_problem, poisoned_v, relative_error
+from sgmv_cases import (
+    B_LAYOUTS,
+    expected_y,
+    make_problem,
+    poisoned_v,
+    relative_error,
+)
 
 from loraplex.kernels.sgmv import LoraSegmentBuffers, build_segments
 from loraplex.kernels.sgmv.expand import sgmv_expand
@@ -60,27 +67,29 @@ def _expand(p, segments, **how):
     return y
 
 
+@pytest.mark.parametrize("b_layout", B_LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("num_tokens", [1, 16, 64, 256])
 @pytest.mark.parametrize("linear", list(LINEARS))
-def test_decode_shapes_against_float64(linear, num_tokens, dtype):
-    p = _decode_problem(
-        num_tokens + list(LINEARS).index(linear), linear, num_tokens, dtype
-    )
+def test_decode_shapes_against_float64(linear, num_tokens, dtype, b_layout):
+    seed = num_tokens + list(LINEARS).index(linear)
+    p = _decode_problem(seed, linear, num_tokens, dtype, b_layout=b_layout)
     segments = build_segments(p.token_slots, "cuda")
     _check(p, _expand(p, segments, variant="multi_block"))
 
 
+@pytest.mark.parametrize("b_layout", B_LAYOUTS)
 @pytest.mark.parametrize("config", DECODE_CANDIDATES, ids=str)
 @pytest.mark.parametrize("linear,num_tokens", [("qkv", 64), ("gate_up", 256)])
-def test_every_benchmarked_config(linear, num_tokens, config):
-    p = _decode_problem(7, linear, num_tokens, torch.bfloat16)
+def test_every_benchmarked_config(linear, num_tokens, config, b_layout):
+    p = _decode_problem(7, linear, num_tokens, torch.bfloat16, b_layout=b_layout)
     segments = build_segments(p.token_slots, "cuda")
     _check(p, _expand(p, segments, config=config))
 
 
+@pytest.mark.parametrize("b_layout", B_LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_mixed_ranks_and_shared_adapters(dtype):
+def test_mixed_ranks_and_shared_adapters(dtype, b_layout):
     """Ranks 8, 16, 64 and untargeted slices in a rank-64 pool; Zipf popularity, so that tiles
     hold up to 16 tokens of one adapter."""
     p = _decode_problem(
@@ -92,15 +101,17 @@ def test_mixed_ranks_and_shared_adapters(dtype):
         num_slots=24,
         pattern="zipf",
         rank_choices=(8, 16, 64, 0),
+        b_layout=b_layout,
     )
     segments = build_segments(p.token_slots, "cuda", tile_tokens=16)
     _check(p, _expand(p, segments, variant="multi_block"))
 
 
-def test_cuda_graph_replays_batches_unlike_the_captured_one():
+@pytest.mark.parametrize("b_layout", B_LAYOUTS)
+def test_cuda_graph_replays_batches_unlike_the_captured_one(b_layout):
     """Captured on a one-adapter batch in the engine's decode buffers (16-token tiles), then
     replayed on batches with more adapters and tiles: the grid must not depend on the batch."""
-    shapes = {"num_slots": 32, "rank_choices": (8, 16)}
+    shapes = {"num_slots": 32, "rank_choices": (8, 16), "b_layout": b_layout}
     p = _decode_problem(9, "qkv", 96, torch.bfloat16, pattern="identical", **shapes)
     buffers = LoraSegmentBuffers.make(96, 32, "cuda", tile_tokens=16)
     segments = buffers.fill(p.token_slots)

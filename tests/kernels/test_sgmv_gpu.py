@@ -2,8 +2,9 @@
 
 The full grid dtype x hidden x rank x tokens x popularity has thousands of points; the cases
 below walk it so that every hidden size meets every rank, and dtypes, token counts, popularity
-patterns and linear shapes (o, q/k/v under GQA, gate/up) rotate across them. Every case draws
-fresh random inputs, poisons v with NaN and checks the base-only rows bit for bit.
+patterns and linear shapes (o, q/k/v under GQA, gate/up) rotate across them, each with B in both
+layouts (out-major, and rank-major as the slot pool holds it). Every case draws fresh random
+inputs, poisons v with NaN and checks the base-only rows bit for bit.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import itertools
 import pytest
 import torch
 from sgmv_cases import (
+    B_LAYOUTS,
     POPULARITY,
     expected_shrink,
     expected_y,
@@ -78,12 +80,15 @@ def _check(p, v, y, y_before):
     assert torch.equal(y[base_only], y_before[base_only])
 
 
+@pytest.mark.parametrize("b_layout", B_LAYOUTS)
 @pytest.mark.parametrize(
     "seed,dtype,hidden,rank,num_tokens,pattern,kind",
     _grid(),
     ids=lambda v: str(v).replace("torch.", ""),
 )
-def test_against_float64(seed, dtype, hidden, rank, num_tokens, pattern, kind):
+def test_against_float64(
+    seed, dtype, hidden, rank, num_tokens, pattern, kind, b_layout
+):
     max_rank = 64 if rank == "mixed" else rank
     p = make_problem(
         seed,
@@ -96,6 +101,7 @@ def test_against_float64(seed, dtype, hidden, rank, num_tokens, pattern, kind):
         dtype=dtype,
         rank_choices=(8, 16, 64, 0) if rank == "mixed" else (rank,),
         device="cuda",
+        b_layout=b_layout,
     )
     segments = build_segments(p.token_slots, "cuda")
     poisoned_v = torch.full((num_tokens, p.lora_a.shape[1]), float("nan"))
@@ -117,7 +123,8 @@ def test_against_float64(seed, dtype, hidden, rank, num_tokens, pattern, kind):
         assert relative_error(y, expected_y(p, p.y)) < TOLERANCE[dtype]
 
 
-def test_cuda_graph_replays_batches_unlike_the_captured_one():
+@pytest.mark.parametrize("b_layout", B_LAYOUTS)
+def test_cuda_graph_replays_batches_unlike_the_captured_one(b_layout):
     """Captured on a one-adapter batch, replayed on batches with more adapters and tiles (the
     SGLang #28371 bug: a grid baked at capture silently skipped segments)."""
     num_tokens, hidden = 96, 4096
@@ -130,6 +137,7 @@ def test_cuda_graph_replays_batches_unlike_the_captured_one():
         "dtype": torch.bfloat16,
         "rank_choices": (8, 16),
         "device": "cuda",
+        "b_layout": b_layout,
     }
     p = make_problem(1, pattern="identical", **shapes)
     buffers = LoraSegmentBuffers.make(num_tokens, 32, "cuda")
@@ -160,8 +168,9 @@ def test_cuda_graph_replays_batches_unlike_the_captured_one():
         assert not segments.split_counters.any()
 
 
+@pytest.mark.parametrize("b_layout", B_LAYOUTS)
 @pytest.mark.parametrize("pattern", POPULARITY)
-def test_add_lora_groups_on_the_device_without_sync(pattern):
+def test_add_lora_groups_on_the_device_without_sync(pattern, b_layout):
     p = make_problem(
         5,
         num_tokens=200,
@@ -173,6 +182,7 @@ def test_add_lora_groups_on_the_device_without_sync(pattern):
         dtype=torch.bfloat16,
         rank_choices=(0, 8, 32),
         device="cuda",
+        b_layout=b_layout,
     )
     slots = torch.tensor(p.token_slots, dtype=torch.int32, device="cuda")
     y = p.y.clone()

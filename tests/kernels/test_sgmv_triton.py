@@ -3,7 +3,8 @@
 The interpreter must be on before triton decorates anything (it interprets triton.language's own
 jitted helpers too), so the cases run in a child pytest with TRITON_INTERPRET=1; the parent
 process, where the rest of the suite runs compiled, only starts it. Tiny shapes, fp16 and fp32
-(the interpreter computes through numpy, which has no bf16: bf16 is covered on the GPU).
+(the interpreter computes through numpy, which has no bf16: bf16 is covered on the GPU). The
+mixed-rank, multi-slice, wide-rank and fused cases run with B in both layouts (`B_LAYOUTS`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from sgmv_cases import (
+    B_LAYOUTS,
     POPULARITY,
     expected_shrink,
     expected_y,
@@ -84,10 +86,11 @@ def _check(p, v, y):
 
 
 @interpreted
+@pytest.mark.parametrize("b_layout", B_LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("pattern", POPULARITY)
-def test_multi_slice_mixed_ranks_every_popularity(pattern, dtype):
-    p = _problem(POPULARITY.index(pattern), pattern, dtype)
+def test_multi_slice_mixed_ranks_every_popularity(pattern, dtype, b_layout):
+    p = _problem(POPULARITY.index(pattern), pattern, dtype, b_layout=b_layout)
     segments = build_segments(p.token_slots, tile_tokens=16)
     _check(p, *_run(p, segments))
 
@@ -106,13 +109,16 @@ def test_split_k_and_ragged_k(split_k):
 
 
 @interpreted
+@pytest.mark.parametrize("b_layout", B_LAYOUTS)
 @pytest.mark.parametrize("max_rank", [8, 16, 24])
-def test_rank_wider_than_one_block(max_rank):
+def test_rank_wider_than_one_block(max_rank, b_layout):
     """Column blocks that straddle slices (R=8, 24) or hold one slice (R=16); rank steps > 1."""
     from loraplex.kernels.sgmv.expand import ExpandConfig
     from loraplex.kernels.sgmv.shrink import ShrinkConfig
 
-    p = _problem(20 + max_rank, "zipf", torch.float32, max_rank=max_rank)
+    p = _problem(
+        20 + max_rank, "zipf", torch.float32, max_rank=max_rank, b_layout=b_layout
+    )
     segments = build_segments(p.token_slots, tile_tokens=32)
     _check(
         p,
@@ -177,14 +183,16 @@ def test_add_lora_groups_tokens_on_the_device(pattern, dtype):
 
 
 @interpreted
+@pytest.mark.parametrize("b_layout", B_LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("pattern", ["distinct", "zipf", "identical"])
 @pytest.mark.parametrize("max_rank", [8, 16])
-def test_fused_linear_matches_definition(pattern, dtype, max_rank):
+def test_fused_linear_matches_definition(pattern, dtype, max_rank, b_layout):
     """Shrink and expand in one kernel, v in registers; ragged K; slices of rank 0."""
     from loraplex.kernels.sgmv.fused import FusedConfig, sgmv_fused
 
-    p = _problem(100 + max_rank, pattern, dtype, max_rank=max_rank, in_features=40)
+    shape = {"max_rank": max_rank, "in_features": 40, "b_layout": b_layout}
+    p = _problem(100 + max_rank, pattern, dtype, **shape)
     segments = build_segments(p.token_slots, tile_tokens=16)
     y = p.y.clone()
     config = FusedConfig(block_n=16, block_k=16)
@@ -205,9 +213,10 @@ def test_fused_linear_matches_definition(pattern, dtype, max_rank):
 
 
 @interpreted
+@pytest.mark.parametrize("b_layout", B_LAYOUTS)
 @pytest.mark.parametrize("path", ["auto", "fused", "split"])
-def test_lora_linear_paths_agree(path):
-    p = _problem(110, "skewed", torch.float32)
+def test_lora_linear_paths_agree(path, b_layout):
+    p = _problem(110, "skewed", torch.float32, b_layout=b_layout)
     segments = LoraSegmentBuffers.make(40, 6, "cpu", tile_tokens=16).fill(p.token_slots)
     y = p.y.clone()
     sgmv.lora_linear(
@@ -291,6 +300,26 @@ def test_launchers_refuse_mismatched_inputs():
         )
     with pytest.raises(ValueError, match="tile_tokens"):
         build_segments([0], tile_tokens=24)
+
+
+def test_b_without_a_unit_stride_is_refused():
+    """B must have unit stride along the rank or along the output; every other layout is
+    refused by name before any launch, on the split and the fused path alike."""
+    from loraplex.kernels.sgmv.expand import sgmv_expand
+
+    p = _problem(85, "uniform", torch.float32)
+    segments = build_segments(p.token_slots)
+    v = torch.zeros(p.x.shape[0], p.lora_a.shape[1])
+    # Every other rank of a twice-as-wide B: strides (2·out·R, 2R, 2).
+    strided = p.lora_b.repeat_interleave(2, dim=2)[:, :, ::2]
+    assert torch.equal(strided.nan_to_num(), p.lora_b.nan_to_num())
+    args = (p.ranks, p.scales, p.slice_offsets, segments)
+    with pytest.raises(ValueError, match="out-major.* or along out_features"):
+        sgmv_expand(p.y.clone(), v, strided, *args)
+    with pytest.raises(ValueError, match="rank-major"):
+        sgmv.lora_linear(
+            p.y.clone(), p.x, p.lora_a, strided, *args, backend="triton", path="fused"
+        )
 
 
 @pytest.mark.skipif(INTERPRETING, reason="checks the compiled mode")

@@ -6,6 +6,9 @@ Public ops:
   (possibly fused q/k/v or gate/up) LoRA linear: a shrink and an expand launch.
 - `lora_shrink` / `lora_expand`: the two halves, for callers that keep v.
 Segment metadata is built once per step by `build_segments` (or `LoraSegmentBuffers` for graphs).
+`new_lora_b` allocates a slot pool's B: the logical [slots, out, R] over rank-major storage, so
+that a low-rank adapter in a high-rank pool reads only its own bytes (`layout.py`); the ops also
+take out-major B.
 
 `backend="auto"` runs Triton on CUDA tensors and the torch reference on CPU tensors; `"torch"`
 forces the reference; `"triton"` forces the kernels (on CPU tensors in Triton's interpreter, as
@@ -19,6 +22,7 @@ from typing import Literal
 
 import torch
 
+from .layout import new_lora_b, rank_major
 from .reference import add_lora_reference, lora_expand_reference, lora_shrink_reference
 from .segments import (
     LoraSegmentBuffers,
@@ -44,6 +48,8 @@ __all__ = [
     "lora_expand",
     "lora_linear",
     "lora_shrink",
+    "new_lora_b",
+    "rank_major",
     "resolve_backend",
 ]
 
@@ -135,7 +141,7 @@ def add_lora(
     :param y: [num_tokens, out_features] float, updated in place.
     :param x: [num_tokens, in_features] float.
     :param lora_a: [num_slots, max_rank, in_features].
-    :param lora_b: [num_slots, out_features, max_rank].
+    :param lora_b: [num_slots, out_features, max_rank], out-major or rank-major (`new_lora_b`).
     :param ranks: [num_slots] int32, each slot's own rank (<= max_rank).
     :param scales: [num_slots] float32.
     :param token_slots: [num_tokens] int32.
@@ -198,7 +204,8 @@ def lora_expand(
 
     :param y: [num_tokens, out_features], updated in place.
     :param v: [num_tokens, num_slices * max_rank] float32 from `lora_shrink`.
-    :param lora_b: [num_slots, out_features, max_rank].
+    :param lora_b: [num_slots, out_features, max_rank], out-major or rank-major (`new_lora_b`,
+        the slot pool's layout: a rank-r adapter then reads only its r rows of B).
     :param ranks: [num_slots, num_slices] int32.
     :param scales: [num_slots, num_slices] float32.
     :param slice_offsets: num_slices + 1 host ints: where each output slice starts, then the end.

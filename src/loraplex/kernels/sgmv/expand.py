@@ -7,6 +7,11 @@ reads B only up to its slot's own rank for its slice: one step of 16 ranks for r
 steps of up to 64 beyond; a slice of rank 0 exits. v (float32) is
 rounded to the activation dtype for the tensor-core product, which accumulates in float32.
 
+B comes in either layout of `layout.py`: out-major (unit stride along the rank) or rank-major
+(unit stride along the output, the slot pool's: a rank-r adapter's r rows are read whole and
+coalesced, nothing past them). Its strides are plain int arguments, so Triton specializes the
+unit one to a constant and each layout gets its own compiled kernel with contiguous loads.
+
 Two variants for decode tiles (up to 16 tokens): "per_block", the kernel below, and
 "multi_block" (`expand_blocks.py`: several output blocks per program, the next block's loads in
 flight during this block's product). `DECODE_EXPAND_VARIANT` says which one `sgmv_expand` runs
@@ -45,8 +50,9 @@ DECODE_BLOCK_M = 16
 
 @triton.jit
 def _rank_step(
-    v_rows, b_cols, r, rank, row_valid, col_valid, STEP: tl.constexpr, DOT_PRECISION
-):
+    v_rows, b_cols, stride_b_rank, r, rank, row_valid, col_valid, STEP: tl.constexpr,
+    DOT_PRECISION,
+):  # fmt: skip
     """v[:, r : r + STEP] · B[n, r : r + STEP]ᵀ over the ranks below `rank`, in float32."""
     offs_r = r + tl.arange(0, STEP)
     r_valid = offs_r < rank
@@ -54,7 +60,9 @@ def _rank_step(
         v_rows + offs_r[None, :], mask=row_valid[:, None] & r_valid[None, :], other=0.0
     )
     b_tile = tl.load(
-        b_cols + offs_r[:, None], mask=r_valid[:, None] & col_valid[None, :], other=0.0
+        b_cols + offs_r[:, None] * stride_b_rank,
+        mask=r_valid[:, None] & col_valid[None, :],
+        other=0.0,
     )
     return tl.dot(v_tile.to(b_tile.dtype), b_tile, input_precision=DOT_PRECISION)
 
@@ -77,6 +85,7 @@ def sgmv_expand_kernel(
     stride_v_token,
     stride_b_slot,
     stride_b_row,
+    stride_b_rank,
     stride_ranks_slot,
     stride_scales_slot,
     NUM_SLICES: tl.constexpr,
@@ -112,14 +121,16 @@ def sgmv_expand_kernel(
         # Ranks up to 16 take one narrow step, whatever the pool's max_rank: a rank-8 adapter
         # in a rank-64 pool pays for 16 ranks, not 64.
         acc = _rank_step(
-            v_rows, b_cols, 0, rank, row_valid, col_valid, SMALL_R, DOT_PRECISION
-        )
+            v_rows, b_cols, stride_b_rank, 0, rank, row_valid, col_valid, SMALL_R,
+            DOT_PRECISION,
+        )  # fmt: skip
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for r in range(0, rank, BLOCK_R):
             acc += _rank_step(
-                v_rows, b_cols, r, rank, row_valid, col_valid, BLOCK_R, DOT_PRECISION
-            )
+                v_rows, b_cols, stride_b_rank, r, rank, row_valid, col_valid, BLOCK_R,
+                DOT_PRECISION,
+            )  # fmt: skip
 
     y_ptrs = y_ptr + tokens[:, None] * stride_y_token + offs_n[None, :]
     y_mask = row_valid[:, None] & col_valid[None, :]
@@ -189,12 +200,15 @@ def check_expand_inputs(
         raise TypeError("v and scales must be float32")
     if ranks.dtype != torch.int32:
         raise TypeError(f"ranks must be int32, got {ranks.dtype}")
-    if (
-        y.stride(1) != 1
-        or lora_b.stride(2) != 1
-        or (v is not None and v.stride(1) != 1)
-    ):
-        raise ValueError("y, v and lora_b need unit stride along their last dim")
+    if y.stride(1) != 1 or (v is not None and v.stride(1) != 1):
+        raise ValueError("y and v need unit stride along their last dim")
+    if lora_b.stride(2) != 1 and lora_b.stride(1) != 1:
+        raise ValueError(
+            f"lora_b {tuple(lora_b.shape)} has strides {lora_b.stride()}: it needs unit "
+            "stride along the rank (out-major, contiguous [slots, out, R]) or along "
+            "out_features (rank-major, a transpose(1, 2) view of contiguous [slots, R, out], "
+            "as sgmv.new_lora_b makes)"
+        )
     if ranks.stride(1) != 1 or scales.stride(1) != 1:
         raise ValueError("ranks and scales need unit stride along slices")
     tensors = (y, lora_b, ranks, scales, segments.tile_lens) + (
@@ -221,7 +235,9 @@ def sgmv_expand(
 
     :param y: [num_tokens, out_features] bf16/fp16/fp32, unit stride along features.
     :param v: [num_tokens, S·R] float32 from the shrink, unit stride along columns.
-    :param lora_b: [num_slots, out_features, R], y's dtype, unit stride along the rank.
+    :param lora_b: [num_slots, out_features, R], y's dtype, unit stride along the rank
+        (out-major) or along out_features (rank-major, the slot pool's: a low-rank adapter
+        then reads only its own rows; `layout.py`).
     :param ranks: [num_slots, S] int32; scales: [num_slots, S] float32.
     :param slice_offsets: S + 1 host ints: where each slice starts, then out_features.
     :param config: overrides the chosen config; its type picks the kernel (benchmarks sweep it).
@@ -296,6 +312,7 @@ def _launch_per_block(
         v.stride(0),
         lora_b.stride(0),
         lora_b.stride(1),
+        lora_b.stride(2),
         ranks.stride(0),
         scales.stride(0),
         NUM_SLICES=num_slices,

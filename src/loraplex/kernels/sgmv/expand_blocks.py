@@ -18,9 +18,12 @@ back to back along grid axis 0 and axis 1 is the tile, so the grid depends only 
 
 Ranks as in the per-block kernel: up to 16 in one 16-wide step, beyond that steps of BLOCK_R
 (the first one prefetched, the rest only up to the slot's own rank); a slice of rank 0 exits.
-Where the pool's max_rank is a multiple of 8, B and v are read up to the rank rounded up to 8
-(16-byte loads, no extra 32-byte sector) and zeroed past the rank in registers. v (float32) is
-rounded to the activation dtype for the product, which accumulates in float32.
+Where the pool's max_rank is a multiple of 8, v, and an out-major B, are read up to the rank
+rounded up to 8 (16-byte loads, no extra 32-byte sector) and zeroed past the rank in registers.
+A rank-major B (the slot pool's, `layout.py`) is read exactly to the rank: its rows run along
+the output, so its loads are vectorized along the columns, and a row past the rank would cost
+a whole row of bytes. v (float32) is rounded to the activation dtype for the product, which
+accumulates in float32.
 """
 
 from __future__ import annotations
@@ -59,34 +62,38 @@ def _output_group(
 
 
 @triton.jit
-def _rank_masks(offs_r, rank, RANK_VEC: tl.constexpr):
-    """(r_valid: below the rank, r_load: what to read). RANK_VEC (the pool's max_rank is a
-    multiple of 8): reads run to the rank rounded up to 8, so that B and v come in 16-byte
-    vectors (a mask by the runtime rank itself splits them into 2-byte loads) and never in
-    an extra 32-byte sector; `_zero_past_rank` clears the columns read past the rank."""
+def _rank_masks(offs_r, rank, RANK_VEC: tl.constexpr, B_RANK_VEC: tl.constexpr):
+    """(r_valid: below the rank, v_load and b_load: what to read of v and B). RANK_VEC (the
+    pool's max_rank is a multiple of 8): v's reads run to the rank rounded up to 8, so that
+    it comes in 16-byte vectors (a mask by the runtime rank itself splits them into 2-byte
+    loads) and never in an extra 32-byte sector; B_RANK_VEC (that, and B out-major): B's
+    reads too. `_load_v` and `_zero_past_rank` clear what was read past the rank."""
     r_valid = offs_r < rank
+    r_up = offs_r < tl.multiple_of((rank + 7) // 8 * 8, 8)
+    v_load = r_valid
+    b_load = r_valid
     if RANK_VEC:
-        r_load = offs_r < tl.multiple_of((rank + 7) // 8 * 8, 8)
-    else:
-        r_load = r_valid
-    return r_valid, r_load
+        v_load = r_up
+    if B_RANK_VEC:
+        b_load = r_up
+    return r_valid, v_load, b_load
 
 
 @triton.jit
-def _zero_past_rank(b, r_valid, RANK_VEC: tl.constexpr):
+def _zero_past_rank(b, r_valid, B_RANK_VEC: tl.constexpr):
     """B [STEP, n] with zeros in the rows past the rank, whatever the pool holds there (NaN
     included). Applied where B is used, not where it is loaded: a select right after the
     load would wait for the data and undo the prefetch."""
-    if RANK_VEC:
+    if B_RANK_VEC:
         b = tl.where(r_valid[:, None], b, 0.0)
     return b
 
 
 @triton.jit
-def _load_v(v_rows, offs_r, r_valid, r_load, row_valid, dtype, RANK_VEC: tl.constexpr):
+def _load_v(v_rows, offs_r, r_valid, v_load, row_valid, dtype, RANK_VEC: tl.constexpr):
     """v [BLOCK_M, STEP] of ranks offs_r, zero past the rank, in the activation dtype."""
     v = tl.load(
-        v_rows + offs_r[None, :], mask=row_valid[:, None] & r_load[None, :], other=0.0
+        v_rows + offs_r[None, :], mask=row_valid[:, None] & v_load[None, :], other=0.0
     )
     if RANK_VEC:
         v = tl.where(r_valid[None, :], v, 0.0)
@@ -94,13 +101,13 @@ def _load_v(v_rows, offs_r, r_valid, r_load, row_valid, dtype, RANK_VEC: tl.cons
 
 
 @triton.jit
-def _load_block(b_rows, y_rows, cols, cols_end, r_load, row_valid, stride_b_row):
+def _load_block(b_rows, y_rows, cols, cols_end, b_load, row_valid, stride_b_row):
     """(B [STEP, BLOCK_N], y [BLOCK_M, BLOCK_N]) of the block of columns `cols`; a block at
     or past `cols_end` loads nothing."""
     col_valid = cols < cols_end
     b = tl.load(
         b_rows + cols[None, :] * stride_b_row,
-        mask=r_load[:, None] & col_valid[None, :],
+        mask=b_load[:, None] & col_valid[None, :],
         other=0.0,
     )
     y = tl.load(
@@ -112,22 +119,22 @@ def _load_block(b_rows, y_rows, cols, cols_end, r_load, row_valid, stride_b_row)
 @triton.jit
 def _finish_block(
     acc, y_old, y_rows, v_rows, b_rows, cols, cols_end, rank, scale, row_valid,
-    stride_b_row, STEP: tl.constexpr, RANK_LOOP: tl.constexpr, RANK_VEC: tl.constexpr,
-    DOT_PRECISION,
+    stride_b_row, stride_b_rank, STEP: tl.constexpr, RANK_LOOP: tl.constexpr,
+    RANK_VEC: tl.constexpr, B_RANK_VEC: tl.constexpr, DOT_PRECISION,
 ):  # fmt: skip
     """Adds the rank steps past the first (RANK_LOOP: only up to `rank`) and stores y."""
     col_valid = cols < cols_end
     if RANK_LOOP:
         for r in range(STEP, rank, STEP):
             offs_r = r + tl.arange(0, STEP)
-            r_valid, r_load = _rank_masks(offs_r, rank, RANK_VEC)
+            r_valid, v_load, b_load = _rank_masks(offs_r, rank, RANK_VEC, B_RANK_VEC)
             b = tl.load(
-                b_rows + r + cols[None, :] * stride_b_row,
-                mask=r_load[:, None] & col_valid[None, :],
+                b_rows + r * stride_b_rank + cols[None, :] * stride_b_row,
+                mask=b_load[:, None] & col_valid[None, :],
                 other=0.0,
             )
-            v = _load_v(v_rows, offs_r, r_valid, r_load, row_valid, b.dtype, RANK_VEC)
-            b = _zero_past_rank(b, r_valid, RANK_VEC)
+            v = _load_v(v_rows, offs_r, r_valid, v_load, row_valid, b.dtype, RANK_VEC)
+            b = _zero_past_rank(b, r_valid, B_RANK_VEC)
             acc += tl.dot(v, b, input_precision=DOT_PRECISION)
     y_new = y_old.to(tl.float32) + acc * scale
     mask = row_valid[:, None] & col_valid[None, :]
@@ -137,46 +144,48 @@ def _finish_block(
 @triton.jit
 def _expand_group(
     y_rows, v_rows, b_slot, cols_start, cols_end, rank, scale, row_valid, stride_b_row,
-    STEP: tl.constexpr, RANK_LOOP: tl.constexpr, RANK_VEC: tl.constexpr,
-    BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, NUM_STAGES: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    stride_b_rank, STEP: tl.constexpr, RANK_LOOP: tl.constexpr, RANK_VEC: tl.constexpr,
+    B_RANK_VEC: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr,
+    NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """y[rows, cols_start : cols_end] += scale · v · Bᵀ, one BLOCK_N block at a time."""
     offs_r = tl.arange(0, STEP)
-    r_valid, r_load = _rank_masks(offs_r, rank, RANK_VEC)
-    b_rows = b_slot + offs_r[:, None]
+    r_valid, v_load, b_load = _rank_masks(offs_r, rank, RANK_VEC, B_RANK_VEC)
+    b_rows = b_slot + offs_r[:, None] * stride_b_rank
     dtype = b_slot.dtype.element_ty
-    v = _load_v(v_rows, offs_r, r_valid, r_load, row_valid, dtype, RANK_VEC)
+    v = _load_v(v_rows, offs_r, r_valid, v_load, row_valid, dtype, RANK_VEC)
     cols = cols_start + tl.arange(0, BLOCK_N)
     num_blocks = tl.cdiv(cols_end - cols_start, BLOCK_N)
     if PREFETCH:
         b_next, y_next = _load_block(
-            b_rows, y_rows, cols, cols_end, r_load, row_valid, stride_b_row
+            b_rows, y_rows, cols, cols_end, b_load, row_valid, stride_b_row
         )
         for _ in range(num_blocks):
             b, y_old, cols_here = b_next, y_next, cols
             cols += BLOCK_N
             # The next block's loads go out before this block's product waits on its own.
             b_next, y_next = _load_block(
-                b_rows, y_rows, cols, cols_end, r_load, row_valid, stride_b_row
+                b_rows, y_rows, cols, cols_end, b_load, row_valid, stride_b_row
             )
-            b = _zero_past_rank(b, r_valid, RANK_VEC)
+            b = _zero_past_rank(b, r_valid, B_RANK_VEC)
             acc = tl.dot(v, b, input_precision=DOT_PRECISION)
             _finish_block(
                 acc, y_old, y_rows, v_rows, b_rows, cols_here, cols_end, rank, scale,
-                row_valid, stride_b_row, STEP, RANK_LOOP, RANK_VEC, DOT_PRECISION,
+                row_valid, stride_b_row, stride_b_rank, STEP, RANK_LOOP, RANK_VEC,
+                B_RANK_VEC, DOT_PRECISION,
             )  # fmt: skip
     else:
         for j in tl.range(0, num_blocks, num_stages=NUM_STAGES):
             cols_here = cols + j * BLOCK_N
             b, y_old = _load_block(
-                b_rows, y_rows, cols_here, cols_end, r_load, row_valid, stride_b_row
+                b_rows, y_rows, cols_here, cols_end, b_load, row_valid, stride_b_row
             )
-            b = _zero_past_rank(b, r_valid, RANK_VEC)
+            b = _zero_past_rank(b, r_valid, B_RANK_VEC)
             acc = tl.dot(v, b, input_precision=DOT_PRECISION)
             _finish_block(
                 acc, y_old, y_rows, v_rows, b_rows, cols_here, cols_end, rank, scale,
-                row_valid, stride_b_row, STEP, RANK_LOOP, RANK_VEC, DOT_PRECISION,
+                row_valid, stride_b_row, stride_b_rank, STEP, RANK_LOOP, RANK_VEC,
+                B_RANK_VEC, DOT_PRECISION,
             )  # fmt: skip
 
 
@@ -185,13 +194,13 @@ def sgmv_expand_blocks_kernel(
     y_ptr, v_ptr, lora_b_ptr, ranks_ptr, scales_ptr,
     sorted_tokens_ptr, tile_starts_ptr, tile_lens_ptr, tile_slots_ptr,
     slice_offsets, slice_first_groups, max_rank,
-    stride_y_token, stride_v_token, stride_b_slot, stride_b_row,
+    stride_y_token, stride_v_token, stride_b_slot, stride_b_row, stride_b_rank,
     stride_ranks_slot, stride_scales_slot,
     NUM_SLICES: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
     BLOCK_R: tl.constexpr, SMALL_R: tl.constexpr, RANK_LOOP: tl.constexpr,
-    RANK_VEC: tl.constexpr, PREFETCH: tl.constexpr, NUM_STAGES: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    RANK_VEC: tl.constexpr, B_RANK_VEC: tl.constexpr, PREFETCH: tl.constexpr,
+    NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_g = tl.program_id(0)
     pid_tile = tl.program_id(1)
@@ -220,14 +229,14 @@ def sgmv_expand_blocks_kernel(
         # Ranks up to 16 take one narrow step, whatever the pool's max_rank.
         _expand_group(
             y_rows, v_rows, b_slot, cols_start, cols_end, rank, scale, row_valid,
-            stride_b_row, SMALL_R, False, RANK_VEC, BLOCK_N, PREFETCH, NUM_STAGES,
-            DOT_PRECISION,
+            stride_b_row, stride_b_rank, SMALL_R, False, RANK_VEC, B_RANK_VEC, BLOCK_N,
+            PREFETCH, NUM_STAGES, DOT_PRECISION,
         )  # fmt: skip
     else:
         _expand_group(
             y_rows, v_rows, b_slot, cols_start, cols_end, rank, scale, row_valid,
-            stride_b_row, BLOCK_R, RANK_LOOP, RANK_VEC, BLOCK_N, PREFETCH, NUM_STAGES,
-            DOT_PRECISION,
+            stride_b_row, stride_b_rank, BLOCK_R, RANK_LOOP, RANK_VEC, B_RANK_VEC, BLOCK_N,
+            PREFETCH, NUM_STAGES, DOT_PRECISION,
         )  # fmt: skip
 
 
@@ -339,6 +348,7 @@ def launch_expand_blocks(
         v.stride(0),
         lora_b.stride(0),
         lora_b.stride(1),
+        lora_b.stride(2),
         ranks.stride(0),
         scales.stride(0),
         NUM_SLICES=ranks.shape[1],
@@ -350,6 +360,8 @@ def launch_expand_blocks(
         SMALL_R=16,
         RANK_LOOP=max_rank > block_r,
         RANK_VEC=max_rank % 8 == 0,
+        # Rank-major B is read exactly to the rank (module docstring).
+        B_RANK_VEC=max_rank % 8 == 0 and lora_b.stride(2) == 1,
         PREFETCH=cfg.prefetch,
         NUM_STAGES=cfg.num_stages,
         DOT_PRECISION=dot_precision(y.dtype),

@@ -8,6 +8,7 @@ every output block of a tile recomputes the shrink, reading the slot's A again f
 program streams all of K alone. Measured on an H100 (2026-11-27, benchmarks/bench_sgmv.py) that
 price was higher than the second launch on every decode shape (one token: 10.9-29.6 us against
 7.6-9.0 us for the split pair), so `lora_linear` runs it only when asked (path="fused").
+B comes out-major or rank-major (the slot pool's, `layout.py`), its strides passed as they are.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def sgmv_fused_kernel(
     stride_a_row,
     stride_b_slot,
     stride_b_row,
+    stride_b_rank,
     stride_ranks_slot,
     stride_scales_slot,
     NUM_SLICES: tl.constexpr,
@@ -103,7 +105,7 @@ def sgmv_fused_kernel(
         lora_b_ptr
         + slot * stride_b_slot
         + offs_n[None, :] * stride_b_row
-        + offs_r[:, None],
+        + offs_r[:, None] * stride_b_rank,
         mask=r_valid[:, None] & col_valid[None, :],
         other=0.0,
     )
@@ -151,7 +153,8 @@ def sgmv_fused(
     config: FusedConfig | None = None,
 ) -> None:
     """Launch the fused kernel (module docstring). Shapes, dtypes and strides are those of
-    `sgmv_shrink` and `sgmv_expand`, which the caller has checked (`lora_linear`)."""
+    `sgmv_shrink` and `sgmv_expand`, which the caller has checked (`lora_linear`): `lora_b`
+    out-major or rank-major (`layout.py`), its strides passed as they are."""
     if segments.num_tiles == 0:
         return
     offsets = tuple(int(o) for o in slice_offsets)
@@ -185,6 +188,7 @@ def sgmv_fused(
         lora_a.stride(1),
         lora_b.stride(0),
         lora_b.stride(1),
+        lora_b.stride(2),
         ranks.stride(0),
         scales.stride(0),
         NUM_SLICES=len(offsets) - 1,

@@ -12,6 +12,8 @@ for R = max_rank:
     ranks   [num_slots, S] int32              0 when the adapter does not target that slice
     scales  [num_slots, S] float32            alpha / r (or alpha / sqrt(r) for rsLoRA)
 The shrink result v is [num_tokens, S * R] float32: slice i of token t in columns i*R : i*R + r.
+These are logical shapes: the reference indexes, so any strides work (the slot pool's lora_b is
+rank-major, a transposed view; `layout.py`).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def add_lora_reference(
     :param y: [num_tokens, out_features], updated in place (any float dtype).
     :param x: [num_tokens, in_features].
     :param lora_a: [num_slots, max_rank, in_features].
-    :param lora_b: [num_slots, out_features, max_rank].
+    :param lora_b: [num_slots, out_features, max_rank], any strides (the pool's is rank-major).
     :param ranks: [num_slots] integer; a slot of rank 0 adds nothing.
     :param scales: [num_slots] float.
     :param token_slots: [num_tokens] integer; -1 means the base model only (y[t] untouched).
@@ -101,7 +103,7 @@ def lora_expand_reference(
 
     :param y: [num_tokens, out_features], updated in place.
     :param v: [num_tokens, num_slices * max_rank] float32, from the shrink.
-    :param lora_b: [num_slots, out_features, max_rank].
+    :param lora_b: [num_slots, out_features, max_rank], any strides (the pool's is rank-major).
     :param ranks: [num_slots, num_slices] integer.
     :param scales: [num_slots, num_slices] float.
     :param slice_offsets: num_slices + 1 host ints, the output column where each slice starts.
