@@ -1,6 +1,7 @@
 """LoraSlots.write: replacing the adapter in a slot leaves exactly what writing the new one into
 an empty slot leaves (zeros past its ranks and in the slices it does not target), and
-`clear` empties a slot."""
+`clear` empties a slot; B is held rank-major and holds the logical values, whatever the
+layout of the B written."""
 
 from __future__ import annotations
 
@@ -9,8 +10,14 @@ import torch
 
 from checkpoints import save_random_adapter
 from loraplex.adapters_registry import load_adapter_dir
-from loraplex.platform import AdapterShapeError, ModelSpec
-from loraplex.platform.lora_slots import LoraSlots
+from loraplex.kernels.sgmv import rank_major
+from loraplex.platform import (
+    AdapterShapeError,
+    LoraModuleWeights,
+    LoraWeights,
+    ModelSpec,
+)
+from loraplex.platform.lora_slots import LORA_GROUPS, LoraSlots
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -104,3 +111,76 @@ def test_stage_then_commit_is_a_write_and_the_ranks_wait_for_the_commit(adapters
         assert torch.equal(got, expected)
     with pytest.raises(AdapterShapeError, match="out of range"):
         halves.stage(2, weights["r4_qv"])
+
+
+def _rank_major_copy(weights: LoraWeights) -> LoraWeights:
+    """The same adapter with each B laid out as the host tier packs it: [out, rank] over
+    rank-major storage."""
+    return LoraWeights(
+        {
+            key: LoraModuleWeights(m.lora_a, rank_major(m.lora_b), m.scale)
+            for key, m in weights.modules.items()
+        }
+    )
+
+
+def _expected_slot(slots: LoraSlots, weights: LoraWeights | None, slot: int) -> list:
+    """(A, B, ranks, scales) of every group of every layer that holding `weights` in `slot`
+    means, built from the definition: each module's A in its slice's first rows, its B in its
+    slice's first columns, zeros everywhere else (None: an empty slot)."""
+    modules = {} if weights is None else weights.modules
+    out = []
+    for layer, groups in enumerate(slots.layers):
+        for name, group in groups.items():
+            a = torch.zeros_like(group.lora_a[slot])
+            b = torch.zeros(group.lora_b.shape[1:], dtype=group.lora_b.dtype)
+            ranks = torch.zeros_like(group.ranks[slot])
+            scales = torch.zeros_like(group.scales[slot])
+            for i, target in enumerate(LORA_GROUPS[name]):
+                module = modules.get((layer, target))
+                if module is None:
+                    continue
+                r, lo = module.rank, slots.max_rank * i
+                a[lo : lo + r] = module.lora_a
+                b[group.slice_offsets[i] : group.slice_offsets[i + 1], :r] = (
+                    module.lora_b
+                )
+                ranks[i], scales[i] = r, module.scale
+            out += [a, b, ranks, scales]
+    return out
+
+
+def test_the_pool_holds_b_rank_major_with_the_logical_values(adapters):
+    """The pool's B is a [slots, out, R] view of rank-major storage (unit stride along out),
+    and loading, replacing, clearing and reloading adapters of ranks 16, 8 and 4, from B
+    out-major (as read from disk) or rank-major (as the host tier packs it), leaves in every
+    slot exactly the logical values the definition gives, zeros past each rank."""
+    spec, weights = adapters
+    slots = LoraSlots(spec, 3, 16, torch.float32, torch.device("cpu"))
+    for groups in slots.layers:
+        for group in groups.values():
+            b = group.lora_b
+            assert b.stride(1) == 1 and b.stride(2) == b.shape[1]
+            assert b.stride(0) == b.shape[1] * b.shape[2]
+    rank_major_weights = {k: _rank_major_copy(w) for k, w in weights.items()}
+    held: dict[int, LoraWeights | None] = {0: None, 1: None, 2: None}
+    steps = [
+        (0, weights["r16_all"]),
+        (1, rank_major_weights["r4_qv"]),
+        (2, weights["r8_mlp"]),
+        (1, None),  # cleared
+        (0, rank_major_weights["r4_qv"]),  # rank 16 replaced by rank 4
+        (1, rank_major_weights["r16_all"]),
+        (2, rank_major_weights["r8_mlp"]),  # the same adapter, now rank-major
+        (1, weights["r8_mlp"]),  # rank 16 replaced by rank 8, fewer targets
+    ]
+    for slot, adapter in steps:
+        if adapter is None:
+            slots.clear(slot)
+        else:
+            slots.write(slot, adapter)
+        held[slot] = adapter
+        for s, w in held.items():
+            got = snapshot(slots, s)
+            for g, e in zip(got, _expected_slot(slots, w, s), strict=True):
+                assert torch.equal(g, e), (slot, s)

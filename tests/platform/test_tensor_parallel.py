@@ -21,10 +21,13 @@ from test_lora_batch import (
 
 from checkpoints import save_random_adapter, save_tiny_model
 from loraplex.adapters_registry import load_adapter_dir
+from loraplex.kernels.sgmv import rank_major
 from loraplex.platform import (
     Engine,
     EngineConfig,
     EngineThread,
+    LoraModuleWeights,
+    LoraWeights,
     ModelSpec,
     SamplingParams,
 )
@@ -205,6 +208,31 @@ def test_adapter_shards_cover_the_adapter_and_survive_the_wire(llama):
         assert torch.equal(back.modules[key].lora_a, module.lora_a.float())
         assert torch.equal(back.modules[key].lora_b, module.lora_b.float())
         assert back.modules[key].scale == module.scale
+
+
+def test_rank_major_b_shards_stay_rank_major_and_survive_the_wire(llama):
+    """B as the host tier packs it (an [out, rank] view of rank-major storage): each shard's
+    B is dense and still rank-major, so that its copy into a slot stays dense, with the
+    values of the out-major shard; the wire carries the logical values."""
+    model_dir, dirs, _ = llama
+    spec = ModelSpec.from_dir(model_dir)
+    weights = load_adapter_dir(dirs["all8"], spec, 16)
+    packed_like = LoraWeights(
+        {
+            key: LoraModuleWeights(m.lora_a, rank_major(m.lora_b), m.scale)
+            for key, m in weights.modules.items()
+        }
+    )
+    for rank in (0, 1):
+        shard = shard_lora_weights(packed_like, spec, TensorParallel(rank, 2))
+        plain = shard_lora_weights(weights, spec, TensorParallel(rank, 2))
+        back = unpack_adapter(*pack_adapter(shard))
+        for key, module in plain.modules.items():
+            got = shard.modules[key]
+            assert got.lora_b.T.is_contiguous() and got.lora_a.is_contiguous()
+            assert torch.equal(got.lora_b, module.lora_b)
+            assert torch.equal(got.lora_a, module.lora_a)
+            assert torch.equal(back.modules[key].lora_b, module.lora_b.float())
 
 
 def test_a_step_survives_the_wire(llama):

@@ -5,6 +5,11 @@ per tensor, copying one flat buffer runs at the link's bandwidth. On the host ti
 ordinary memory; the copy to the device goes through a reusable pinned buffer (staging.py), so
 it is asynchronous on a side stream without pinning every adapter. Every tensor of the adapter
 is a view into the buffer, already in the slots' dtype.
+
+Each B is stored rank-major, [rank, out] contiguous, and seen as the logical [out, rank] through
+`.T`: the engine's slots hold B that way (`sgmv.new_lora_b`), so the copy of a single-slice B
+(o, down) into its slot has source and target laid out alike and is one dense copy. PEFT's
+files keep B [out, rank]; `pack` transposes it once, on the loader thread.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ class ModuleLayout:
     a_offset: int  # bytes
     a_shape: tuple[int, int]  # [rank, in_features]
     b_offset: int  # bytes
-    b_shape: tuple[int, int]  # [out_features, rank]
+    # [out_features, rank], logical: stored as [rank, out_features] (rank-major)
+    b_shape: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,7 @@ class PackedAdapter:
             {
                 (m.layer, m.target): LoraModuleWeights(
                     self._view(m.a_offset, m.a_shape),
-                    self._view(m.b_offset, m.b_shape),
+                    self._view(m.b_offset, m.b_shape[::-1]).T,
                     m.scale,
                 )
                 for m in self.layout
@@ -133,8 +139,10 @@ def pack(weights: LoraWeights, dtype: torch.dtype, pin: bool) -> PackedAdapter:
     targets, sources = [], []
     for key, module in packed.weights().modules.items():
         source = weights.modules[key]
-        targets += [module.lora_a, module.lora_b]
-        sources += [source.lora_a, source.lora_b]
+        # B as [rank, out]: the target is then contiguous, which lets torch's CPU copy take
+        # its blocked 2-D transpose from PEFT's [out, rank].
+        targets += [module.lora_a, module.lora_b.T]
+        sources += [source.lora_a, source.lora_b.T]
     # One call for the 896 copies of an 8B adapter: each torch call lets go of the GIL, and a
     # loader thread taking it back behind a busy engine thread waits each time.
     torch._foreach_copy_(targets, sources)

@@ -3,11 +3,15 @@
 A slot holds one adapter for every LoRA linear of every layer. Per layer, the slots of a fused
 linear are stacked: for q/k/v (3 slices), o (1), gate/up (2) and down (1),
     lora_a  [num_slots, num_slices * max_rank, in_features]
-    lora_b  [num_slots, out_features, max_rank]
+    lora_b  [num_slots, out_features, max_rank], a view of rank-major [num_slots, max_rank, out]
     ranks   [num_slots, num_slices] int32 (0 = the adapter leaves that slice alone)
     scales  [num_slots, num_slices] float32
 An adapter of rank r < max_rank fills the first r rows of its A block and the first r columns of
-its B block; the rest of the block is zero, and the kernels read only up to r. Writing a slot
+its B block; the rest of the block is zero, and the kernels read only up to r. B is stored
+rank-major (`sgmv.new_lora_b`) so that those r columns are r contiguous rows of out_features:
+a rank-8 adapter in a rank-64 pool reads 8 dense rows instead of 16 bytes of every 128-byte
+row, and a single-slice B written from a rank-major source (the host tier's) is one dense
+copy; a slice of q/k/v or gate/up is a column range of those rows, a strided copy. Writing a slot
 happens between two engine steps, so it is kept short: the A and B blocks go in one foreach copy,
 the ranks and scales of all layers in one copy each from pinned memory (never a pageable copy,
 which would wait for the steps in flight), and only what the slot's last adapter left past the
@@ -23,6 +27,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+
+from loraplex.kernels.sgmv import new_lora_b
 
 from .config import ModelSpec
 from .errors import AdapterShapeError
@@ -51,7 +57,9 @@ class LoraModuleWeights:
     """One adapted linear of one layer."""
 
     lora_a: torch.Tensor  # [rank, in_features]
-    lora_b: torch.Tensor  # [out_features, rank]
+    # [out_features, rank], any strides: out-major as PEFT stores it, or a transposed view of
+    # rank-major [rank, out] storage as the host tier packs it (the slots' own layout).
+    lora_b: torch.Tensor
     scale: float  # alpha / rank, or alpha / sqrt(rank) for rsLoRA
 
     @property
@@ -116,7 +124,7 @@ class LoraGroupSlots:
     """The stacked slots of one fused LoRA linear of one layer."""
 
     lora_a: torch.Tensor  # [num_slots, num_slices * max_rank, in_features]
-    lora_b: torch.Tensor  # [num_slots, out_features, max_rank]
+    lora_b: torch.Tensor  # [num_slots, out_features, max_rank], rank-major (new_lora_b)
     ranks: torch.Tensor  # [num_slots, num_slices] int32, a view (row stride 7)
     scales: torch.Tensor  # [num_slots, num_slices] float32, a view (row stride 7)
     slice_offsets: tuple[int, ...]  # num_slices + 1 output offsets
@@ -161,7 +169,7 @@ class LoraSlots:
                     lora_a=torch.zeros(
                         num_slots, n * max_rank, in_features, dtype=dtype, device=device
                     ),
-                    lora_b=torch.zeros(
+                    lora_b=new_lora_b(
                         num_slots, offsets[-1], max_rank, dtype=dtype, device=device
                     ),
                     ranks=self._ranks[layer, :, first : first + n],
@@ -297,8 +305,17 @@ def shard_lora_weights(
     for (layer, target), module in weights.modules.items():
         rows, columns = tp.weight_shard(spec, target)
         modules[(layer, target)] = LoraModuleWeights(
-            lora_a=take_shard(module.lora_a, None, columns).contiguous(),
-            lora_b=take_shard(module.lora_b, rows, None).contiguous(),
+            lora_a=_dense(take_shard(module.lora_a, None, columns)),
+            lora_b=_dense(take_shard(module.lora_b, rows, None)),
             scale=module.scale,
         )
     return LoraWeights(modules)
+
+
+def _dense(shard: torch.Tensor) -> torch.Tensor:
+    """A 2-D shard as a dense tensor in its source's stride order (`clone` keeps it, where
+    `contiguous` would not): a rank-major B stays rank-major, so that its copy into a slot of
+    a single-slice group stays one dense copy. No copy when it already is dense."""
+    if shard.is_contiguous() or shard.T.is_contiguous():
+        return shard
+    return shard.clone()
