@@ -1,6 +1,7 @@
 """SGMV shrink/expand on Llama-3.1-8B shapes: time, byte floor, torch baselines (issue 3).
 
     PYTHONPATH=src python benchmarks/bench_sgmv.py OUT_DIR [--commit SHA] [--no-sweep]
+        [--b-layout {rank_major,out_major,both}]
     TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/bench_sgmv.py OUT_DIR --smoke  # CPU
 
 Cases: decode (T = 1, 16, 64, 256, one adapter per token) and prefill (T = 4096, 8192, runs of
@@ -10,6 +11,11 @@ kernel configs; the launches LoRA adds to one decode step (32 layers x 4 linears
 and multi-block decode expands side by side (sgmv_variants.py). Writes
 OUT_DIR/bench_sgmv-<card>-<date>.json with every raw timing and prints a short table last.
 `--only expand_variants` runs only that section (any of the JSON's section keys may be named).
+
+B is laid out as the engine's slot pool holds it, rank-major (kernels/sgmv/layout.py), except
+in the mixed-ranks section, which by default runs every row (mixed and the uniform runs of its
+ideal) under both layouts side by side, each row and case with its "b_layout":
+`--b-layout rank_major` or `out_major` runs every section in that one layout.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import argparse
 import dataclasses
 import datetime
 import functools
+import itertools
 import json
 import math
 import sys
@@ -28,6 +35,7 @@ import torch
 
 from loraplex.kernels import sgmv
 from sgmv_timing import (
+    B_LAYOUTS,
     LLAMA_8B,
     TINY,
     GraphTimer,
@@ -51,14 +59,19 @@ GATHER_LIMIT_BYTES = 12e9  # the gather baseline materialises per-token A and B
 
 
 class Bench:
-    def __init__(self, device: torch.device, smoke: bool) -> None:
+    def __init__(
+        self, device: torch.device, smoke: bool, b_layout: str = "rank_major"
+    ) -> None:
         self.device, self.smoke = device, smoke
         self.dtype = torch.float16 if smoke else DTYPE  # numpy has no bf16
+        self.b_layout = b_layout  # what every section but mixed_ranks runs
         self.timer = GraphTimer(device)
         self.copy = copy_bandwidth(device)
         self.cases: list[dict] = []
 
-    def inputs(self, linear, run_lengths, slot_ranks, max_rank, tile_tokens=64):
+    def inputs(
+        self, linear, run_lengths, slot_ranks, max_rank, tile_tokens=64, b_layout=None
+    ):
         return make_inputs(
             linear,
             run_lengths,
@@ -67,6 +80,7 @@ class Bench:
             self.dtype,
             self.device,
             tile_tokens,
+            b_layout or self.b_layout,
         )
 
     def us_at_copy_bw(self, num_bytes: float) -> float:
@@ -81,8 +95,12 @@ class Bench:
         max_rank: int,
         *,
         baselines: bool = True,
+        b_layout: str | None = None,
     ) -> dict:
-        s = self.inputs(linear, run_lengths, slot_ranks, max_rank)
+        make = functools.partial(
+            self.inputs, linear, run_lengths, slot_ranks, max_rank, b_layout=b_layout
+        )
+        s = make()
         floors = floor_bytes(s, slot_ranks)
         rec = {
             "phase": phase,
@@ -91,6 +109,7 @@ class Bench:
             "adapters": len(run_lengths),
             "max_rank": max_rank,
             "ranks": sorted(set(slot_ranks)),
+            "b_layout": s.b_layout,
             "floor_bytes": floors,
             "floor_us": {k: self.us_at_copy_bw(b) for k, b in floors.items()},
         }
@@ -100,10 +119,7 @@ class Bench:
         rec["linear_eager"] = eager(functools.partial(lora_linear, s), self.device)
         # Graphs rotate over enough input sets that back-to-back calls do not run from L2.
         num_sets = max(1, min(8, math.ceil(3 * L2_BYTES / floors["linear"])))
-        sets = [s] + [
-            self.inputs(linear, run_lengths, slot_ranks, max_rank)
-            for _ in range(num_sets - 1)
-        ]
+        sets = [s] + [make() for _ in range(num_sets - 1)]
         repeat = max(1, 16 // num_sets)
         vs = [sgmv.lora_shrink(t.x, t.lora_a, t.ranks, t.segments) for t in sets]
         graphs = {
@@ -154,26 +170,26 @@ def decode_and_prefill(bench: Bench, linears) -> None:
             bench.case("prefill", linear, [run] * (t // run), [RANK] * (t // run), RANK)
 
 
-def mixed_ranks(bench: Bench, linears) -> list[dict]:
-    """Ranks 8, 16, 64 in one batch (max_rank 64) against uniform runs at each rank."""
+def mixed_ranks(bench: Bench, linears, layouts: tuple[str, ...]) -> list[dict]:
+    """Ranks 8, 16, 64 in one batch (max_rank 64) against uniform runs at each rank, under
+    each of `layouts` of B (the uniform runs of the ideal in the same layout as the mix)."""
     by_name = {lin.name: lin for lin in linears}
     shapes = [("decode", "o", 256, 1), ("decode", "qkv", 256, 1)]
     shapes.append(("prefill", "qkv", 8192, 512))
     if bench.smoke:
         shapes = [("decode", "qkv", 6, 1), ("prefill", "qkv", 64, 16)]
     out = []
-    for phase, name, t, run in shapes:
+    for (phase, name, t, run), layout in itertools.product(shapes, layouts):
         n = t // run
         mixed_ranks_of = [(8, 16, 64)[j % 3] for j in range(n)]
-        mixed = bench.case(
-            phase, by_name[name], [run] * n, mixed_ranks_of, 64, baselines=False
+        case = functools.partial(
+            bench.case, phase, by_name[name], baselines=False, b_layout=layout
         )
-        uniform = {
-            r: bench.case(phase, by_name[name], [run] * n, [r] * n, r, baselines=False)
-            for r in (8, 16, 64)
-        }
+        mixed = case([run] * n, mixed_ranks_of, 64)
+        uniform = {r: case([run] * n, [r] * n, r) for r in (8, 16, 64)}
         shares = {r: mixed_ranks_of.count(r) / n for r in (8, 16, 64)}
-        row = {"phase": phase, "linear": name, "num_tokens": t, "shares": shares}
+        row = {"phase": phase, "linear": name, "num_tokens": t, "b_layout": layout}
+        row["shares"] = shares
         for mode in ("linear_eager", "linear_graph"):
             if mixed[mode] is None:
                 continue
@@ -306,6 +322,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument(
+        "--b-layout",
+        choices=(*B_LAYOUTS, "both"),
+        help="B's layout: one of them for every section, or both side by side in the "
+        "mixed-ranks section (default: both there, rank_major, the engine's, elsewhere)",
+    )
+    parser.add_argument(
         "--only", nargs="+", metavar="SECTION", help="only these sections"
     )
     args = parser.parse_args(argv)
@@ -313,7 +335,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     linears = TINY if args.smoke else LLAMA_8B
     num_layers = 2 if args.smoke else 32
-    bench = Bench(device, args.smoke)
+    b_layout = args.b_layout or "both"
+    mixed_layouts = B_LAYOUTS if b_layout == "both" else (b_layout,)
+    bench = Bench(device, args.smoke, "rank_major" if b_layout == "both" else b_layout)
     import triton
 
     info = {
@@ -332,7 +356,12 @@ def main(argv: list[str] | None = None) -> None:
         info["graph_trivial_node_us"] = bench.timer.trivial_node_us
     result = {
         "info": info,
-        "config": {"rank": RANK, "linears": [dataclasses.asdict(x) for x in linears]},
+        "config": {
+            "rank": RANK,
+            "linears": [dataclasses.asdict(x) for x in linears],
+            "b_layout": bench.b_layout,  # of every section but mixed_ranks
+            "mixed_ranks_b_layouts": list(mixed_layouts),
+        },
         "cases": bench.cases,
         "mixed_ranks": [],
         "sweep": [],
@@ -345,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     path = args.out_dir / f"bench_sgmv-{card_name(device)}-{info['date']}.json"
     sections = [
         ("cases", lambda: decode_and_prefill(bench, linears)),
-        ("mixed_ranks", lambda: mixed_ranks(bench, linears)),
+        ("mixed_ranks", lambda: mixed_ranks(bench, linears, mixed_layouts)),
         ("sweep", lambda: [] if args.no_sweep else sweep(bench, linears)),
         ("decode_step", lambda: decode_step(bench, linears, num_layers)),
         ("expand_variants", lambda: expand_variants(bench, linears, RANK, L2_BYTES)),

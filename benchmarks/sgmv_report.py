@@ -93,6 +93,8 @@ def targets(result) -> dict:
     mixed = [
         {
             "case": f"{m['phase']} T={m['num_tokens']} {m['linear']}",
+            # Results from before the rank-major pool carry no layout: B was out-major then.
+            "b_layout": m.get("b_layout", "out_major"),
             **{mode: m[mode] for mode in ("linear_eager", "linear_graph") if mode in m},
         }
         for m in result["mixed_ranks"]
@@ -169,13 +171,17 @@ def print_report(result) -> None:
         f"graph {t['speedup_geomean_graph']:.2f}x, eager {t['speedup_geomean_eager']:.2f}x"
         f" (target {SPEEDUP_TARGET}x)"
     )
+    if t["mixed"]:
+        print(
+            f"mixed ranks / ideal (target <= {MIXED_TARGET:.2f})  b_layout    eager  graph"
+        )
     for m in t["mixed"]:
-        parts = [
-            f"{mode.split('_')[1]} {m[mode]['ratio']:.2f}"
+        ratios = [
+            m[mode]["ratio"] if mode in m else None
             for mode in ("linear_eager", "linear_graph")
-            if mode in m
         ]
-        print(f"mixed ranks / ideal, {m['case']}: " + ", ".join(parts))
+        cells = ("     -" if r is None else f"{r:6.2f}" for r in ratios)
+        print(f"   {m['case']:<31} {m['b_layout']:<10} " + " ".join(cells))
     for s in result["decode_step"]:
         graph = s["graph"]["per_call_us"] if s["graph"] else float("nan")
         print(

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from loraplex.kernels import sgmv
-from loraplex.kernels.sgmv import LoraSegments, build_segments
+from loraplex.kernels.sgmv import LoraSegments, build_segments, rank_major
+
+# B's memory layouts (kernels/sgmv/layout.py); the engine's slot pool holds B rank-major.
+B_LAYOUTS = ("rank_major", "out_major")
 
 
 @dataclass(frozen=True)
@@ -55,12 +58,13 @@ class LoraInputs:
     x: torch.Tensor  # [T, in]
     y: torch.Tensor  # [T, out]
     lora_a: torch.Tensor  # [num_slots, S * R, in], zero past each slot's rank
-    lora_b: torch.Tensor  # [num_slots, out, R], zero past each slot's rank
+    lora_b: torch.Tensor  # [num_slots, out, R], zero past each slot's rank; b_layout
     ranks: torch.Tensor  # [num_slots, S] int32
     scales: torch.Tensor  # [num_slots, S] float32
     segments: LoraSegments
     runs: list[tuple[int, int, int]]  # (first token, end, slot) of each run of one slot
     token_slots: torch.Tensor  # [T] int64, for the gather baseline
+    b_layout: str = "rank_major"  # one of B_LAYOUTS
 
     @property
     def max_rank(self) -> int:
@@ -75,8 +79,12 @@ def make_inputs(
     dtype: torch.dtype,
     device: torch.device,
     tile_tokens: int = 64,
+    b_layout: str = "rank_major",
 ) -> LoraInputs:
-    """Run j holds run_lengths[j] tokens of slot j, whose rank is slot_ranks[j] on every slice."""
+    """Run j holds run_lengths[j] tokens of slot j, whose rank is slot_ranks[j] on every slice;
+    B in `b_layout` (rank-major, as the engine's pool holds it, or out-major)."""
+    if b_layout not in B_LAYOUTS:
+        raise ValueError(f"b_layout {b_layout!r}: one of {B_LAYOUTS}")
     num_slots, num_slices = len(run_lengths), len(linear.widths)
     num_tokens, out = sum(run_lengths), sum(linear.widths)
     x = torch.randn(num_tokens, linear.in_features, device=device, dtype=dtype)
@@ -94,6 +102,8 @@ def make_inputs(
         past_rank[:, None, :, None], 0.0
     )
     lora_b.masked_fill_(past_rank[:, None, :], 0.0)
+    if b_layout == "rank_major":
+        lora_b = rank_major(lora_b)
     scales = torch.full((num_slots, num_slices), 2.0, device=device)
     token_slots, runs, start = [], [], 0
     for slot, length in enumerate(run_lengths):
@@ -111,6 +121,7 @@ def make_inputs(
         build_segments(token_slots, device, tile_tokens=tile_tokens),
         runs,
         torch.tensor(token_slots, device=device),
+        b_layout,
     )
 
 

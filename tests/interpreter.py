@@ -29,13 +29,7 @@ def run_in_interpreter(test_file: str) -> str:
     """
     if INTERPRETING:
         pytest.skip("this is the child process")
-    pytest.importorskip("triton")
-    import numpy
-
-    if tuple(int(p) for p in numpy.__version__.split(".")[:2]) >= (2, 4):
-        pytest.skip(
-            f"Triton's interpreter needs numpy < 2.4, found {numpy.__version__}"
-        )
+    skip_without_interpreter()
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *QUIET]
         + [test_file],
@@ -48,3 +42,14 @@ def run_in_interpreter(test_file: str) -> str:
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     return result.stdout
+
+
+def skip_without_interpreter() -> None:
+    """Skip unless Triton's interpreter can run here: triton installed, numpy < 2.4."""
+    pytest.importorskip("triton")
+    import numpy
+
+    if tuple(int(p) for p in numpy.__version__.split(".")[:2]) >= (2, 4):
+        pytest.skip(
+            f"Triton's interpreter needs numpy < 2.4, found {numpy.__version__}"
+        )
