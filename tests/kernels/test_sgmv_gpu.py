@@ -2,9 +2,9 @@
 
 The full grid dtype x hidden x rank x tokens x popularity has thousands of points; the cases
 below walk it so that every hidden size meets every rank, and dtypes, token counts, popularity
-patterns and linear shapes (o, q/k/v under GQA, gate/up) rotate across them, each with B in both
-layouts (out-major, and rank-major as the slot pool holds it). Every case draws fresh random
-inputs, poisons v with NaN and checks the base-only rows bit for bit.
+patterns and linear shapes (o, q/k/v under GQA, gate/up) rotate across them, and so does B's
+layout (out-major, or rank-major as the slot pool holds it); mixed ranks run in both. Every case
+draws fresh random inputs, poisons v with NaN and checks the base-only rows bit for bit.
 """
 
 from __future__ import annotations
@@ -46,26 +46,29 @@ def _widths(kind: str, hidden: int) -> tuple[int, ...]:
 
 def _grid():
     """Every hidden size meets every rank; with h the hidden's index and r the rank's, the dtype
-    turns with r + h, the linear with r + 2h and the token count with r + h, so that each rank
-    meets several of each."""
+    turns with r + h, the linear with r + 2h, the token count with r + h and B's layout with h,
+    so that each rank meets several of each (mixed ranks: both layouts)."""
     kinds = ("qkv", "o", "gate_up")
     cases = []
     for n, (hidden, rank) in enumerate(itertools.product(HIDDEN, RANKS)):
         h, r = divmod(n, len(RANKS))
-        cases.append(
-            (
-                n,
-                DTYPES[(r + h) % 3],
-                hidden,
-                rank,
-                TOKENS[(r + h) % len(TOKENS)],
-                POPULARITY[n % 5],
-                kinds[(r + 2 * h) % 3],
-            )
+        case = (
+            n,
+            DTYPES[(r + h) % 3],
+            hidden,
+            rank,
+            TOKENS[(r + h) % len(TOKENS)],
+            POPULARITY[n % 5],
+            kinds[(r + 2 * h) % 3],
         )
+        layouts = B_LAYOUTS if rank == "mixed" else (B_LAYOUTS[h % 2],)
+        cases += [(*case, layout) for layout in layouts]
     # bf16 (the serving dtype) with mixed ranks over long segments, and 8B-sized gate/up.
-    cases.append((24, torch.bfloat16, 4096, "mixed", 8192, "zipf", "qkv"))
-    cases.append((25, torch.bfloat16, 4096, 16, 4096, "skewed", "gate_up"))
+    for layout in B_LAYOUTS:
+        cases.append((24, torch.bfloat16, 4096, "mixed", 8192, "zipf", "qkv", layout))
+    cases.append(
+        (25, torch.bfloat16, 4096, 16, 4096, "skewed", "gate_up", "rank_major")
+    )
     return cases
 
 
@@ -80,9 +83,8 @@ def _check(p, v, y, y_before):
     assert torch.equal(y[base_only], y_before[base_only])
 
 
-@pytest.mark.parametrize("b_layout", B_LAYOUTS)
 @pytest.mark.parametrize(
-    "seed,dtype,hidden,rank,num_tokens,pattern,kind",
+    "seed,dtype,hidden,rank,num_tokens,pattern,kind,b_layout",
     _grid(),
     ids=lambda v: str(v).replace("torch.", ""),
 )
