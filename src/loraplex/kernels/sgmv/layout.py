@@ -28,8 +28,9 @@ def new_lora_b(
     """Zeros for a pool's B: [num_slots, out_features, max_rank] viewed over rank-major storage.
 
     The view's strides are (max_rank·out, 1, out): `b[s, :, :r]` of a slot is its first r rows
-    of storage, one dense block, so writing a whole-width adapter into it is one dense copy from
-    a source in the same layout (see `rank_major`).
+    of storage, one dense block, so writing the B of a single-slice linear (o, down) into it is
+    one dense copy from a source in the same layout (`rank_major`); a slice of a fused linear
+    (q/k/v, gate/up) is a column range of those rows, a strided copy.
     """
     storage = torch.zeros(num_slots, max_rank, out_features, dtype=dtype, device=device)
     return storage.transpose(1, 2)
