@@ -163,6 +163,12 @@ def test_the_pool_holds_b_rank_major_with_the_logical_values(adapters):
             assert b.stride(1) == 1 and b.stride(2) == b.shape[1]
             assert b.stride(0) == b.shape[1] * b.shape[2]
     rank_major_weights = {k: _rank_major_copy(w) for k, w in weights.items()}
+    # A single-slice B (o, down) goes where its rank-major source's strides match: the copy
+    # from the host tier's packed B is one dense block.
+    for (layer, target), module in rank_major_weights["r16_all"].modules.items():
+        if target in ("o", "down"):
+            written = slots.layers[layer][target].lora_b[0, :, : module.rank]
+            assert written.stride() == module.lora_b.stride()
     held: dict[int, LoraWeights | None] = {0: None, 1: None, 2: None}
     steps = [
         (0, weights["r16_all"]),
