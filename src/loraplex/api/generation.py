@@ -47,6 +47,19 @@ async def merge(
     aborts every unfinished request. `on_done` runs once every stream has ended, as soon as
     the engine is done, even while the consumer still sends earlier outputs to a slow client.
     """
+    if len(streams) == 1:  # most calls: no pump task, no second queue hop per output
+        stream, done = streams[0], False
+        try:
+            async for out in stream:
+                if out.finished and on_done is not None:
+                    done = True
+                    on_done()  # before the last chunk goes to a maybe slow client
+                yield 0, out
+        finally:
+            stream.close()
+            if not done and on_done is not None:
+                on_done()
+        return
     queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
     pumping = len(streams)
 

@@ -26,6 +26,11 @@ class RequestTimer:
         self.setup_s: float | None = None
         self.ttft_s: float | None = None
         self.last_token: float | None = None
+        # Per-token series, looked up once: `labels()` takes a lock and hashes every call.
+        name = metrics.model_name
+        self._itl = metrics.itl.labels(name)
+        self._tokens = metrics.generation_tokens.labels(name)
+        self._tenant_tokens = metrics.tenant_tokens.labels(tenant, "generated")
 
     def queued(self) -> None:
         """The call's engine request is queued: its setup time ends."""
@@ -33,18 +38,17 @@ class RequestTimer:
         self.metrics.setup_time.labels(self.tenant).observe(self.setup_s)
 
     def observe(self, out: RequestOutput) -> None:
-        m, name = self.metrics, self.metrics.model_name
         now = time.monotonic()
         tokens = len(out.new_token_ids)
         if tokens:
             if self.last_token is None:
                 self.ttft_s = now - self.started
-                m.ttft.labels(name).observe(self.ttft_s)
+                self.metrics.ttft.labels(self.metrics.model_name).observe(self.ttft_s)
             else:
-                m.itl.labels(name).observe((now - self.last_token) / tokens)
+                self._itl.observe((now - self.last_token) / tokens)
             self.last_token = now
-            m.generation_tokens.labels(name).inc(tokens)
-            m.tenant_tokens.labels(self.tenant, "generated").inc(tokens)
+            self._tokens.inc(tokens)
+            self._tenant_tokens.inc(tokens)
         if out.finished:
             self._finished(out, now)
 

@@ -19,6 +19,7 @@ from ray.exceptions import RayError, RayTaskError
 from ray.serve.exceptions import RayServeException
 
 from loraplex.api.engine_client import Submission
+from loraplex.api.output_collector import OutputCollector
 from loraplex.platform import (
     EngineDeadError,
     EngineStats,
@@ -48,7 +49,7 @@ class ReplicaStream:
     def __init__(self, call: _Call, replica: str) -> None:
         self.call = call
         self.replica = replica
-        self.queue: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
+        self.outputs = OutputCollector()
         self.finished = False
 
     def __aiter__(self) -> ReplicaStream:
@@ -57,10 +58,11 @@ class ReplicaStream:
     async def __anext__(self) -> RequestOutput:
         if self.finished:
             raise StopAsyncIteration
-        out = await self.queue.get()
-        if isinstance(out, Exception):
+        try:
+            out = await self.outputs.get()
+        except Exception:  # the call ended early: this stream is over
             self._finish()
-            raise out
+            raise
         if out.finished:
             self._finish()
         return out
@@ -96,7 +98,7 @@ class _Call:
         error: Exception | None = None
         try:
             async for i, out in self.generator:
-                self.streams[i].queue.put_nowait(out)
+                self.streams[i].outputs.put(out)
         except asyncio.CancelledError:
             raise
         except _RAY_ERRORS as exc:
@@ -108,7 +110,7 @@ class _Call:
             error = ReplicaLost(repr(exc))
         for stream in self.streams:  # a call that ends early must not read as finished
             if not stream.finished:
-                stream.queue.put_nowait(error or ReplicaLost("the replica call ended"))
+                stream.outputs.fail(error or ReplicaLost("the replica call ended"))
 
 
 class ReplicaClient:
