@@ -69,19 +69,9 @@ class Bench:
         self.copy = copy_bandwidth(device)
         self.cases: list[dict] = []
 
-    def inputs(
-        self, linear, run_lengths, slot_ranks, max_rank, tile_tokens=64, b_layout=None
-    ):
-        return make_inputs(
-            linear,
-            run_lengths,
-            slot_ranks,
-            max_rank,
-            self.dtype,
-            self.device,
-            tile_tokens,
-            b_layout or self.b_layout,
-        )
+    def inputs(self, linear, runs, slot_ranks, max_rank, tile_tokens=64, b_layout=None):
+        shape = (linear, runs, slot_ranks, max_rank, self.dtype, self.device)
+        return make_inputs(*shape, tile_tokens, b_layout or self.b_layout)
 
     def us_at_copy_bw(self, num_bytes: float) -> float:
         return num_bytes / (self.copy["gbps"] * 1e3)
