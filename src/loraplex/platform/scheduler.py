@@ -15,8 +15,9 @@ prefill in progress takes what the budget leaves, so prefill chunks and decodes 
       a waiting request goes ahead of the running requests of a worse priority, which take
       what budget it leaves, and blocks are taken back from the worst priority first. While
       the best priority has requests, the prompts of worse ones share a quarter of the budget
-      a step (decodes are not limited), so that steps stay short for the better priority's
-      first tokens. With one priority, as a rule, this is the order above.
+      a step, and nothing in a step that computes a prompt of the best priority (decodes are
+      not limited), so that steps stay short for the better priority's first tokens. With one
+      priority, as a rule, this is the order above.
          With prefix caching, a request first takes the longest cached run of full blocks of its
          tokens (never all of them: the last token is computed, for its logits) and starts its
          num_computed_tokens there; cached tokens cost no budget.
@@ -52,7 +53,9 @@ class RequestUpdate(NamedTuple):
     sample_index: int | None  # row of the sampler output this request used
 
 
-# While the best priority has requests, worse priorities' prompts get 1/this of a step's budget.
+# While the best priority has requests, worse priorities' prompts get 1/this of a step's budget,
+# and none in a step that computes a prompt of the best priority: that prompt's step (its time
+# to first token) is then as long as it would be without them (issue 8's fairness).
 WORSE_PROMPT_SHARE = 4
 
 
@@ -77,8 +80,11 @@ class _Step:
     def add(self, sequence: ScheduledSequence) -> None:
         self.scheduled.append(sequence)
         self.budget -= sequence.num_new_tokens
-        if sequence.num_new_tokens > 1 and sequence.request.priority > self.best:
-            self.worse_prompt_tokens -= sequence.num_new_tokens
+        if sequence.num_new_tokens > 1:
+            if sequence.request.priority > self.best:
+                self.worse_prompt_tokens -= sequence.num_new_tokens
+            else:  # the best priority's prompt: worse ones wait for a step without one
+                self.worse_prompt_tokens = 0
 
 
 class Scheduler:
