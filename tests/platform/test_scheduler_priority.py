@@ -36,7 +36,9 @@ def test_a_better_priority_prompt_goes_ahead_of_a_worse_running_prefill():
     # steady waits a step. With steady's prompt in the step, flood-long's prompt waits:
     # steady's first token comes from a step as short as without the flood.
     assert shares(batch) == [("steady", 6), ("flood-decode", 1)]
-    batch, _ = step(scheduler)  # steady decodes: the worse prompt gets a quarter (2 of 10)
+    batch, _ = step(
+        scheduler
+    )  # steady decodes: the worse prompt gets a quarter (2 of 10)
     assert shares(batch) == [("steady", 1), ("flood-decode", 1), ("flood-long", 2)]
     scheduler.finish(steady, FinishReason.ABORT)
     batch, _ = step(scheduler)  # priority 1 is the best now: the whole budget
