@@ -1,9 +1,13 @@
-# Issue 3 on one GPU (~9 min): the SGMV float64 GPU tests with the multi-block decode expand now
-# the default, then the whole bench_sgmv (decode and prefill shapes, graphs, mixed ranks,
-# launches per decode step) against issue 3's targets.
+# Issue 3 on one GPU (~7 min): the SGMV float64 GPU tests over both B layouts (the rank-major
+# pool layout has never been compiled on sm_90 before 8824762), then bench_sgmv's mixed-ranks
+# section under both layouts side by side (mix and uniform ideal runs, eager and graph).
+# The rest of bench_sgmv (decode/prefill shapes, launches per step): sgmv_bench.sh.
 source benchmarks/gpu_session/common.sh
-timeout 150 python3 -m pytest -q --tb=short -p no:cacheprovider -m gpu \
-  tests/kernels/test_sgmv_gpu.py > $OUT/pytest-sgmv.log 2>&1
+timeout 240 python3 -m pytest -q --tb=short -p no:cacheprovider -m gpu \
+  tests/kernels/test_sgmv_gpu.py tests/kernels/test_sgmv_expand_blocks_gpu.py \
+  > $OUT/pytest-sgmv.log 2>&1
 echo "sgmv gpu tests rc=$?"; tail -3 $OUT/pytest-sgmv.log
-timeout 390 python3 benchmarks/bench_sgmv.py "$OUT" --commit "$LORAPLEX_COMMIT" \
-  > $OUT/bench_sgmv.log 2>&1; echo "bench_sgmv rc=$?"; tail -30 $OUT/bench_sgmv.log
+timeout 240 python3 benchmarks/bench_sgmv.py "$OUT" --commit "$LORAPLEX_COMMIT" \
+  --only mixed_ranks --b-layout both > $OUT/bench_sgmv_mixed.log 2>&1
+echo "bench_sgmv mixed rc=$?"; tail -5 $OUT/bench_sgmv_mixed.log
+for f in "$OUT"/bench_sgmv-*.json; do python3 benchmarks/sgmv_report.py "$f" | tail -12; done
