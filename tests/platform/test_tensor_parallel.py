@@ -211,7 +211,7 @@ def test_adapter_shards_cover_the_adapter_and_survive_the_wire(llama):
 
 
 def test_rank_major_b_shards_stay_rank_major_and_survive_the_wire(llama):
-    """B as the host tier packs it (an [out, rank] view of rank-major storage): each shard's
+    """B as an [out, rank] view of rank-major storage (the slots' layout): each shard's
     B is dense and still rank-major, so that its copy into a slot stays dense, with the
     values of the out-major shard; the wire carries the logical values."""
     model_dir, dirs, _ = llama

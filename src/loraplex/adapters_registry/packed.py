@@ -6,10 +6,11 @@ ordinary memory; the copy to the device goes through a reusable pinned buffer (s
 it is asynchronous on a side stream without pinning every adapter. Every tensor of the adapter
 is a view into the buffer, already in the slots' dtype.
 
-Each B is stored rank-major, [rank, out] contiguous, and seen as the logical [out, rank] through
-`.T`: the engine's slots hold B that way (`sgmv.new_lora_b`), so the copy of a single-slice B
-(o, down) into its slot has source and target laid out alike and is one dense copy. PEFT's
-files keep B [out, rank]; `pack` transposes it once, on the loader thread.
+B stays as PEFT stores it, [out, rank], although the engine's slots hold B rank-major
+(`sgmv.new_lora_b`): the buffer goes to the GPU in one flat copy and the slot write transposes
+there, where it costs microseconds. Packing B rank-major on the host was tried (472aed8): it
+doubled `pack` on the loader thread (45 → 85 ms for an 8B adapter, 2-core CPU, 2026-11-28) to
+save nothing on the device.
 """
 
 from __future__ import annotations
@@ -36,8 +37,7 @@ class ModuleLayout:
     a_offset: int  # bytes
     a_shape: tuple[int, int]  # [rank, in_features]
     b_offset: int  # bytes
-    # [out_features, rank], logical: stored as [rank, out_features] (rank-major)
-    b_shape: tuple[int, int]
+    b_shape: tuple[int, int]  # [out_features, rank]
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class PackedAdapter:
             {
                 (m.layer, m.target): LoraModuleWeights(
                     self._view(m.a_offset, m.a_shape),
-                    self._view(m.b_offset, m.b_shape[::-1]).T,
+                    self._view(m.b_offset, m.b_shape),
                     m.scale,
                 )
                 for m in self.layout
@@ -139,10 +139,8 @@ def pack(weights: LoraWeights, dtype: torch.dtype, pin: bool) -> PackedAdapter:
     targets, sources = [], []
     for key, module in packed.weights().modules.items():
         source = weights.modules[key]
-        # B as [rank, out]: the target is then contiguous, which lets torch's CPU copy take
-        # its blocked 2-D transpose from PEFT's [out, rank].
-        targets += [module.lora_a, module.lora_b.T]
-        sources += [source.lora_a, source.lora_b.T]
+        targets += [module.lora_a, module.lora_b]
+        sources += [source.lora_a, source.lora_b]
     # One call for the 896 copies of an 8B adapter: each torch call lets go of the GIL, and a
     # loader thread taking it back behind a busy engine thread waits each time.
     torch._foreach_copy_(targets, sources)

@@ -10,8 +10,8 @@ An adapter of rank r < max_rank fills the first r rows of its A block and the fi
 its B block; the rest of the block is zero, and the kernels read only up to r. B is stored
 rank-major (`sgmv.new_lora_b`) so that those r columns are r contiguous rows of out_features:
 a rank-8 adapter in a rank-64 pool reads 8 dense rows instead of 16 bytes of every 128-byte
-row, and a single-slice B written from a rank-major source (the host tier's) is one dense
-copy; a slice of q/k/v or gate/up is a column range of those rows, a strided copy. Writing a slot
+row. Sources come in PEFT's [out, rank] (the host tier's, copied to the device first), so the
+write transposes on the device; a rank-major source into a single-slice B is one dense copy. Writing a slot
 happens between two engine steps, so it is kept short: the A and B blocks go in one foreach copy,
 the ranks and scales of all layers in one copy each from pinned memory (never a pageable copy,
 which would wait for the steps in flight), and only what the slot's last adapter left past the
@@ -57,8 +57,8 @@ class LoraModuleWeights:
     """One adapted linear of one layer."""
 
     lora_a: torch.Tensor  # [rank, in_features]
-    # [out_features, rank], any strides: out-major as PEFT stores it, or a transposed view of
-    # rank-major [rank, out] storage as the host tier packs it (the slots' own layout).
+    # [out_features, rank], any strides: out-major as PEFT (and the host tier) store it, or a
+    # transposed view of rank-major [rank, out] storage (the slots' own layout).
     lora_b: torch.Tensor
     scale: float  # alpha / rank, or alpha / sqrt(rank) for rsLoRA
 

@@ -124,7 +124,7 @@ def pack_adapter(
         a, b = module.lora_a, module.lora_b
         rows.append([layer, LORA_TARGETS.index(target), *a.shape, *b.shape])
         scales.append(module.scale)
-        # reshape, not view: B may be the host tier's [out, rank] view of rank-major storage,
+        # reshape, not view: B may be an [out, rank] view of rank-major storage,
         # and the wire carries it in its logical order, [out, rank] row by row.
         values += [a.reshape(-1).float(), b.reshape(-1).float()]
     description = torch.tensor(rows, dtype=torch.int64).reshape(-1, 6)
