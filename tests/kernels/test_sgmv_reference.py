@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from sgmv_cases import POPULARITY, token_slots_for
 
 from loraplex.kernels import sgmv
-from loraplex.kernels.sgmv import build_segments
+from loraplex.kernels.sgmv import LoraSegmentBuffers, build_segments
+from loraplex.kernels.sgmv.segments import _group, _group_on_host
 
 
 def naive_add_lora(y, x, lora_a, lora_b, ranks, scales, token_slots):
@@ -132,3 +134,30 @@ def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="unknown SGMV backend"):
         sgmv.resolve_backend("cuda", x)
     assert sgmv.resolve_backend("auto", x) == "torch"
+
+
+@pytest.mark.parametrize("pattern", POPULARITY)
+@pytest.mark.parametrize("num_tokens", [0, 1, 17, 300])
+def test_numpy_grouping_equals_its_python_spec(pattern, num_tokens):
+    """The grouping every step builds (numpy) against the plain loop that defines it, and what
+    `LoraSegmentBuffers.fill` writes after it: padded tails, unused tiles of length 0."""
+    gen = torch.Generator().manual_seed(num_tokens * 7 + len(pattern))
+    slots = token_slots_for(pattern, num_tokens, 6, gen) if num_tokens else []
+    for tile_tokens in (16, 64):
+        got = _group(np.asarray(slots, dtype=np.int64), tile_tokens)
+        tokens, starts, seg_slots, tiles = _group_on_host(slots, tile_tokens)
+        assert got.sorted_tokens.tolist() == tokens
+        assert got.segment_starts.tolist() == starts
+        assert got.segment_slots.tolist() == seg_slots
+        columns = [list(c) for c in zip(*tiles, strict=True)] or [[], [], []]
+        assert got.tile_starts.tolist() == columns[0]
+        assert got.tile_lens.tolist() == columns[1]
+        assert got.tile_slots.tolist() == columns[2]
+        buffers = LoraSegmentBuffers.make(320, 6, "cpu", tile_tokens=tile_tokens)
+        buffers.fill([5] * 320)  # stale contents, for the next fill to overwrite
+        seg = buffers.fill(slots)
+        assert seg.token_slots.tolist() == slots
+        used = len(tiles)
+        assert seg.tile_lens[:used].tolist() == columns[1]
+        assert not seg.tile_lens[used:].any() and not seg.tile_slots[used:].any()
+        assert seg.segment_starts[len(starts) :].eq(starts[-1]).all()

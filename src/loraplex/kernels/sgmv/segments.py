@@ -23,7 +23,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 # 64 rows fills one Hopper warpgroup MMA and re-reads an adapter's A and B once per 64 tokens of
@@ -81,10 +83,48 @@ def max_tiles(max_tokens: int, max_slots: int, tile_tokens: int) -> int:
     return -(-max_tokens // tile_tokens) + min(max_slots, max_tokens)
 
 
+class _Grouping(NamedTuple):
+    """One step's tokens grouped by slot, as host int64 arrays."""
+
+    sorted_tokens: (
+        np.ndarray
+    )  # token indices by ascending slot (stable), slot -1 left out
+    segment_starts: np.ndarray  # [num_segments + 1]
+    segment_slots: np.ndarray  # [num_segments], ascending
+    tile_starts: np.ndarray  # [num_tiles]
+    tile_lens: np.ndarray  # [num_tiles], 1..tile_tokens
+    tile_slots: np.ndarray  # [num_tiles]
+
+
+def _group(token_slots: np.ndarray, tile_tokens: int) -> _Grouping:
+    """`_group_on_host` with numpy: no Python loop over tokens (a mixed step has thousands)."""
+    lora_tokens = np.flatnonzero(token_slots >= 0)
+    order = lora_tokens[np.argsort(token_slots[lora_tokens], kind="stable")]
+    slots, counts = np.unique(token_slots[order], return_counts=True)
+    starts = np.zeros(len(slots) + 1, dtype=np.int64)
+    np.cumsum(counts, out=starts[1:])
+    tiles_per_segment = -(-counts // tile_tokens)
+    segment_of_tile = np.repeat(np.arange(len(slots)), tiles_per_segment)
+    first_tile = np.cumsum(tiles_per_segment) - tiles_per_segment
+    offset = (
+        np.arange(len(segment_of_tile)) - first_tile[segment_of_tile]
+    ) * tile_tokens
+    return _Grouping(
+        order,
+        starts,
+        slots,
+        starts[segment_of_tile] + offset,
+        np.minimum(tile_tokens, counts[segment_of_tile] - offset),
+        slots[segment_of_tile],
+    )
+
+
 def _group_on_host(
     token_slots: Sequence[int], tile_tokens: int
 ) -> tuple[list[int], list[int], list[int], list[tuple[int, int, int]]]:
-    """(sorted_tokens, segment_starts, segment_slots, tiles as (start, length, slot))."""
+    """(sorted_tokens, segment_starts, segment_slots, tiles as (start, length, slot)).
+
+    The spec of `_group`, in plain Python (tests hold one to the other)."""
     by_slot: dict[int, list[int]] = {}
     for token, slot in enumerate(token_slots):
         if slot >= 0:
@@ -116,25 +156,25 @@ def build_segments(
     :param tile_tokens: the most tokens one kernel program handles (a power of two >= 16).
     """
     _check_tile_tokens(tile_tokens)
-    token_slots = [int(s) for s in token_slots]
-    sorted_tokens, starts, slots, tiles = _group_on_host(token_slots, tile_tokens)
-    tile_columns = list(zip(*tiles, strict=True)) if tiles else [(), (), ()]
-    parts = [token_slots, sorted_tokens, starts, slots, *map(list, tile_columns)]
-    host = torch.tensor([v for part in parts for v in part], dtype=torch.int32)
+    slots_of_tokens = np.asarray(token_slots, dtype=np.int64).reshape(-1)
+    grouping = _group(slots_of_tokens, tile_tokens)
+    parts = [slots_of_tokens, *grouping]
+    host = torch.from_numpy(np.concatenate(parts).astype(np.int32))
     packed = host.to(device, non_blocking=True)
     views, offset = [], 0
     for part in parts:
         views.append(packed[offset : offset + len(part)])
         offset += len(part)
-    counters = torch.zeros(len(tiles) * COUNTERS_PER_TILE, dtype=torch.int32)
+    num_tiles = len(grouping.tile_lens)
+    counters = torch.zeros(num_tiles * COUNTERS_PER_TILE, dtype=torch.int32)
     return LoraSegments(
         *views,
         split_counters=counters.to(device),
-        num_lora_tokens=len(sorted_tokens),
-        num_segments=len(slots),
-        num_tiles=len(tiles),
+        num_lora_tokens=len(grouping.sorted_tokens),
+        num_segments=len(grouping.segment_slots),
+        num_tiles=num_tiles,
         tile_tokens=tile_tokens,
-        max_tile_len=max((length for _, length, _ in tiles), default=0),
+        max_tile_len=int(grouping.tile_lens.max(initial=0)),
     )
 
 
@@ -189,41 +229,39 @@ class LoraSegmentBuffers:
     ) -> LoraSegmentBuffers:
         return cls(max_tokens, max_slots, torch.device(device), tile_tokens)
 
-    def fill(self, token_slots: Sequence[int]) -> LoraSegments:
+    def fill(self, token_slots: Sequence[int] | np.ndarray) -> LoraSegments:
         """Write this step's grouping into the buffers (one copy) and return views of them.
 
         The views keep their addresses from fill to fill; only `token_slots` is sized by the
         batch, so a captured graph must be replayed with batches of the length it was captured at
         (pad with -1 tokens).
         """
-        token_slots = [int(s) for s in token_slots]
-        if len(token_slots) > self.max_tokens:
+        slots_of_tokens = np.asarray(token_slots, dtype=np.int64).reshape(-1)
+        if len(slots_of_tokens) > self.max_tokens:
             raise ValueError(
-                f"{len(token_slots)} tokens exceed the buffers' {self.max_tokens}"
+                f"{len(slots_of_tokens)} tokens exceed the buffers' {self.max_tokens}"
             )
-        if token_slots and max(token_slots) >= self.max_slots:
-            raise ValueError(f"slot {max(token_slots)} >= max_slots {self.max_slots}")
-        sorted_tokens, starts, slots, tiles = _group_on_host(
-            token_slots, self.tile_tokens
-        )
-        # Unused tiles: length 0 (the program exits); slot 0 keeps every pointer in bounds.
-        padding = [(0, 0, 0)] * (self.max_tiles - len(tiles))
-        tile_columns = list(zip(*(tiles + padding), strict=True))
-        tail_start = starts[-1]
-        parts = [
-            token_slots + [-1] * (self.max_tokens - len(token_slots)),
-            sorted_tokens + [0] * (self.max_tokens - len(sorted_tokens)),
-            starts + [tail_start] * (self.max_slots + 1 - len(starts)),
-            slots + [0] * (self.max_slots - len(slots)),
-            *map(list, tile_columns),
-        ]
+        if len(slots_of_tokens) and slots_of_tokens.max() >= self.max_slots:
+            raise ValueError(
+                f"slot {slots_of_tokens.max()} >= max_slots {self.max_slots}"
+            )
+        grouping = _group(slots_of_tokens, self.tile_tokens)
+        # Past each part's used entries: base-only tokens, an empty tail segment, and unused
+        # tiles of length 0 (the program exits) whose slot 0 keeps every pointer in bounds.
+        fills = (-1, 0, grouping.segment_starts[-1], 0, 0, 0, 0)
         if self._copied is not None:
             self._copied.synchronize()
-        self._host.copy_(torch.tensor([v for part in parts for v in part]))
+        host, offset = self._host.numpy(), 0
+        for part, size, fill in zip(
+            (slots_of_tokens, *grouping), self._sizes, fills, strict=True
+        ):
+            host[offset : offset + len(part)] = part
+            host[offset + len(part) : offset + size] = fill
+            offset += size
         self._device.copy_(self._host, non_blocking=True)
         if self._copied is not None:
             self._copied.record()
-        return self.views(len(token_slots), len(sorted_tokens))
+        return self.views(len(slots_of_tokens), len(grouping.sorted_tokens))
 
     def views(
         self, num_tokens: int, num_lora_tokens: int | None = None
