@@ -1,6 +1,6 @@
 """Tensor parallelism on 2 and 4 GPUs over NCCL: in fp32 with CUDA graphs (the collectives
 captured in them) and the Triton kernels per shard, every request's greedy tokens are those of
-transformers + PEFT; FP8 shards give the tokens of an FP8 engine on one GPU."""
+transformers + PEFT; FP8 shards stay closer to an FP8 engine on one GPU than FP8 is to bf16."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from test_engine_gpu import plan as requests  # 8 requests over a4/a16/a8 and th
 
 from checkpoints import save_random_adapter, save_tiny_model
 from loraplex.adapters_registry import load_adapter_dir
-from loraplex.platform import Engine, EngineConfig
+from loraplex.platform import Engine, EngineConfig, SamplingParams
 
 pytestmark = pytest.mark.gpu
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -127,12 +127,62 @@ def test_fp32_shards_match_peft_token_for_token(
     assert (mixed_replays > 0) == bool(mixed_tokens)
 
 
+def prompt_logits(model, dirs, world_size, dtype, **options):
+    """Logits [8, vocab] float32 of each request's last prompt position (one new token each,
+    so no step depends on an earlier sampled token), in the order the steps produced them."""
+    engine = Engine(
+        EngineConfig(
+            model=str(model),
+            dtype=dtype,
+            device="cuda",
+            max_loras=3,
+            max_lora_rank=16,
+            num_kv_blocks=256,
+            max_num_batched_tokens=64,
+            tensor_parallel_size=world_size,
+            **options,
+        )
+    )
+    try:
+        slots = {}
+        for slot, (name, path) in enumerate(dirs.items()):
+            engine.load_adapter(slot, load_adapter_dir(path, engine.spec, 16))
+            slots[name] = slot
+        steps: list[torch.Tensor] = []
+        forward = engine.runner.forward
+
+        def spy(batch):
+            logits = forward(batch)
+            steps.append(logits.float().cpu())
+            return logits
+
+        engine.runner.forward = spy
+        one_token = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        plan = requests(slots, 16)
+        run_to_completion(engine, {k: (v[0], one_token, v[2]) for k, v in plan.items()})
+        return torch.cat(steps)
+    finally:
+        engine.close()
+
+
+def relative_error(candidate: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((candidate - reference).norm() / reference.norm())
+
+
 @needs_gpus(2)
-def test_fp8_shards_give_the_tokens_of_one_fp8_gpu(setup):
-    """Per-row weight scales survive the split (rows of q/k/v and gate/up, columns of o and
-    down), so 2 ranks compute what 1 does up to summation order: bf16 first tokens agree."""
+def test_fp8_shards_add_less_error_than_fp8_itself(setup):
+    """Every world size holds the one-GPU FP8 weights (row-parallel shards keep the full row's
+    scale: test_fp8_shards.py), but o and down quantize their input per token over each rank's
+    columns alone, as vLLM's row-parallel FP8 does, so 2 ranks are not bit-equal to 1: the
+    gap must stay below FP8's own error against bf16, and 2 ranks no further from bf16."""
     model, dirs = setup
-    one, plan, _ = run(model, dirs, 1, "bfloat16", quantization="fp8")
-    two, _, _ = run(model, dirs, 2, "bfloat16", quantization="fp8")
-    agree = sum(one[rid][:4] == two[rid][:4] for rid in plan)
-    assert agree >= len(plan) - 1, (one, two)
+    bf16 = prompt_logits(model, dirs, 1, "bfloat16")
+    one = prompt_logits(model, dirs, 1, "bfloat16", quantization="fp8")
+    two = prompt_logits(model, dirs, 2, "bfloat16", quantization="fp8")
+    assert bf16.shape == one.shape == two.shape and bf16.shape[0] >= 1
+    fp8_error = relative_error(one, bf16)
+    shard_gap = relative_error(two, one)
+    print(f"fp8 vs bf16 {fp8_error:.4f}; 2 ranks vs 1 {shard_gap:.4f}")
+    assert 0 < fp8_error < 0.2
+    assert shard_gap < fp8_error
+    assert relative_error(two, bf16) < 1.5 * fp8_error

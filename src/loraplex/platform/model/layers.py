@@ -88,20 +88,31 @@ class LoraLinear(nn.Module):
         param = self.weight if name == "weight" else self.bias
         if param is None:
             raise ValueError("this layer has no bias")
-        tensor = take_shard(tensor, *self.shards[index])
+        shard_rows, shard_columns = self.shards[index]
         rows = slice(self.slice_offsets[index], self.slice_offsets[index + 1])
-        expected = (rows.stop - rows.start, *param.shape[1:])
-        if tuple(tensor.shape) != expected:
-            raise ValueError(
-                f"shape {tuple(tensor.shape)} does not match the expected {expected}"
-            )
         if name == "weight" and self.quantization == "fp8":
             # Rows are quantized one by one, so a slice quantizes alone, on the device, from
-            # the activation dtype (as a build from the unquantized model does).
-            weight = tensor.to(device=param.device, dtype=self.dtype)
-            param.data[rows], self.weight_scale[rows] = fp8.quantize_weight(weight)
+            # the activation dtype (as a build from the unquantized model does). A row is
+            # quantized whole before its columns are cut: a row-parallel shard keeps the full
+            # row's scale, so every world size holds the one-GPU engine's weights.
+            weight = take_shard(tensor, shard_rows, None)
+            self._check_shape(rows, param, take_shard(weight, None, shard_columns))
+            weight = weight.to(device=param.device, dtype=self.dtype)
+            weight_q, scales = fp8.quantize_weight(weight)
+            param.data[rows] = take_shard(weight_q, None, shard_columns)
+            self.weight_scale[rows] = scales
         else:
+            tensor = take_shard(tensor, shard_rows, shard_columns)
+            self._check_shape(rows, param, tensor)
             param.data[rows].copy_(tensor)
+
+    @staticmethod
+    def _check_shape(rows: slice, param: torch.Tensor, shard: torch.Tensor) -> None:
+        expected = (rows.stop - rows.start, *param.shape[1:])
+        if tuple(shard.shape) != expected:
+            raise ValueError(
+                f"shape {tuple(shard.shape)} does not match the expected {expected}"
+            )
 
     def shard_of_fused(self, kind: str, full: torch.Tensor) -> torch.Tensor:
         """This rank's part of the unsplit fused `weight` [out, in], `weight_scale` [out, 1]
