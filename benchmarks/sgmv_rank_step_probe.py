@@ -1,9 +1,9 @@
-"""Where mixed ranks lose time: the prefill expand's rank step and the packed-column shrink.
+"""Where mixed ranks lose time in prefill: the expand's rank step, and the shrink.
 
-In a rank-64 pool every expand program is compiled with a 64-wide rank step, even for the rank-8
+In a rank-64 pool every expand program is compiled for its widest rank step, even for the rank-8
 tiles that never take it; this times the q/k/v prefill expand (T=8192, runs of 512 tokens,
 ranks 8/16/64 in turn) and its uniform-rank runs under rank steps of 16, 32 and 64, each in a
-CUDA graph, and the shrink of the same inputs (packed columns since this commit).
+CUDA graph, with the shrink of the same inputs and its error against the torch reference.
 
     PYTHONPATH=src:benchmarks python benchmarks/sgmv_rank_step_probe.py OUT.json
 """
@@ -28,8 +28,8 @@ def us(timing: dict) -> float:
 
 
 def shrink_error(s) -> float:
-    """Largest relative error of the packed-column shrink against the torch reference, over the
-    entries the definition owns (columns within each slice's rank)."""
+    """Largest relative error of the shrink against the torch reference, over the entries the
+    definition owns (columns within each slice's rank)."""
     got = sgmv.lora_shrink(s.x, s.lora_a, s.ranks, s.segments)
     want = lora_shrink_reference(s.x, s.lora_a, s.ranks, s.token_slots)
     max_rank = s.lora_a.shape[1] // s.ranks.shape[1]

@@ -132,6 +132,31 @@ def test_rank_wider_than_one_block(max_rank, b_layout):
 
 
 @interpreted
+@pytest.mark.parametrize("b_layout", B_LAYOUTS)
+def test_prefill_tiles_take_ranks_past_32_in_steps(b_layout):
+    """Default configs on tiles of 32 tokens in a rank-48 pool: ranks above 32 take two rank
+    steps of 32 in the expand (`default_rank_step`), ranks up to 16 the narrow one."""
+    p = _problem(
+        77, "skewed", torch.float32, max_rank=48, num_tokens=80, b_layout=b_layout
+    )
+    segments = build_segments(p.token_slots, tile_tokens=32)
+    # Slot 0 fills tiles of 32 (> DECODE_BLOCK_M), with slices of rank 12, 7 and 39.
+    assert segments.max_tile_len == 32 and p.ranks[0].tolist() == [12, 7, 39]
+    _check(p, *_run(p, segments))
+
+
+def test_rank_step_is_at_most_32_in_prefill_tiles_and_64_in_decode_tiles():
+    from loraplex.kernels.sgmv.expand import default_rank_step
+
+    assert [default_rank_step(64, r) for r in (8, 16, 24, 32, 64, 128)] == [
+        16, 16, 32, 32, 32, 32,
+    ]  # fmt: skip
+    assert [default_rank_step(16, r) for r in (8, 16, 24, 64, 128)] == [
+        16, 16, 32, 64, 64,
+    ]  # fmt: skip
+
+
+@interpreted
 def test_graph_buffers_replayed_with_more_adapters_than_captured():
     """One LoraSegments of fixed capacity, refilled: the second batch has more distinct slots
     and more tiles than the first (the SGLang #28371 bug: a grid baked at capture skipped them);

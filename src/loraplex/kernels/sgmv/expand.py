@@ -4,7 +4,7 @@ SGMV expand, all output slices of one fused linear (q/k/v of different widths un
 gate/up) in one launch. The output blocks of the slices are laid back to back along grid axis 0,
 so a narrow k/v slice launches only its own blocks; axis 1 is the tile of tokens. Each program
 reads B only up to its slot's own rank for its slice: one step of 16 ranks for ranks up to 16,
-steps of up to 64 beyond; a slice of rank 0 exits. v (float32) is
+steps of up to 64 beyond (32 in prefill tiles: `default_rank_step`); a slice of rank 0 exits. v (float32) is
 rounded to the activation dtype for the tensor-core product, which accumulates in float32.
 
 B comes in either layout of `layout.py`: out-major (unit stride along the rank) or rank-major
@@ -144,13 +144,25 @@ class ExpandConfig:
     """Tile shape and launch options of one expand launch (BLOCK_M comes from the segments)."""
 
     block_n: int
-    # Rank step past rank 16; None: the pool's max_rank rounded up to a power of two in
-    # [16, 64], so that ranks up to 64 take one step (one round of loads).
+    # Rank step past rank 16; None: `default_rank_step`.
     block_r: int | None = None
     num_warps: int = 4
     # One stage: the rank loop is 1-2 steps, and pipelined Hopper wgmma with a register operand
     # (v rounded in registers) was miscompiled by ptxas < 13.3 (triton-lang/triton#9433).
     num_stages: int = 1
+
+
+def default_rank_step(block_m: int, max_rank: int) -> int:
+    """The pool's max_rank rounded up to a power of two in [16, 64] for decode tiles, so that
+    ranks up to 64 take one step (one round of loads), and at most 32 for prefill tiles.
+
+    Every program is compiled for the widest step, so in a rank-64 pool a 64-wide step sets the
+    registers, and the occupancy, of the rank-8 tiles too. On an H100 (2026-11-28,
+    benchmarks/sgmv_rank_step_probe.py, q/k/v T=8192 in runs of 512) steps of 32 against 64
+    took 88.0 against 115.0 µs with ranks 8/16/64 mixed and 99.0 against 120.6 µs at rank 64.
+    """
+    widest = 32 if block_m > DECODE_BLOCK_M else 64
+    return min(widest, max(16, next_pow2(max_rank)))
 
 
 def choose_expand_config(block_m: int, dtype: torch.dtype) -> ExpandConfig:
@@ -319,7 +331,7 @@ def _launch_per_block(
         ALIGNED=all(o % 16 == 0 for o in offsets),
         BLOCK_M=block_m,
         BLOCK_N=cfg.block_n,
-        BLOCK_R=cfg.block_r or min(64, max(16, next_pow2(max_rank))),
+        BLOCK_R=cfg.block_r or default_rank_step(block_m, max_rank),
         SMALL_R=16,
         DOT_PRECISION=dot_precision(y.dtype),
         num_warps=cfg.num_warps,

@@ -1,11 +1,9 @@
 """v[t, i·R + j] = Σ_k x[t, k] · A[s(t), i·R + j, k]  for every slice i and j < ranks[s(t), i].
 
 SGMV shrink. One program computes one tile of tokens (all of one slot, from `LoraSegments`) times
-BLOCK_N columns of v, over one split of the input features. The columns a program takes are the
-slot's own: its slices' first ranks[s, i] rows of A, packed back to back (for q/k/v of rank 8,
-24 columns), so rows past a slice's rank are never loaded and a block of columns past the packed
-ones exits at once. A rank-8 adapter in a rank-64 pool thus streams its tile of x through one
-block of columns, as it would in a rank-8 pool, not through one block per slice.
+BLOCK_N columns of v, over one split of the input features. Columns past their slice's rank are
+never loaded and a block of columns that holds none exits at once, so a rank-8 adapter in a
+rank-64 pool reads and multiplies only its 8 rows.
 
 Decode batches have too few tiles to fill the GPU, so K is split (SPLIT_K > 1): each split stores
 its partial sums in a workspace and bumps a per-(tile, column block) counter; the last split to
@@ -40,6 +38,7 @@ def sgmv_shrink_kernel(
     tile_lens_ptr,
     tile_slots_ptr,
     in_features,
+    num_columns,
     max_rank,
     k_per_split,
     stride_x_token,
@@ -49,7 +48,6 @@ def sgmv_shrink_kernel(
     stride_partials_split,
     stride_ranks_slot,
     COUNTERS_PER_TILE: tl.constexpr,
-    NUM_SLICES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -68,19 +66,15 @@ def sgmv_shrink_kernel(
         pid_tile,
         BLOCK_M,
     )
-    # Packed column c of the slot lies in slice i when c - packed_start_i < ranks[s, i]; its row
-    # of A (and column of v) is i·R + c - packed_start_i.
-    offs_packed = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_n = tl.zeros((BLOCK_N,), dtype=tl.int32)
-    packed_start = 0
-    for i in tl.static_range(NUM_SLICES):
-        rank_i = tl.load(ranks_ptr + slot * stride_ranks_slot + i)
-        in_slice = (offs_packed >= packed_start) & (offs_packed < packed_start + rank_i)
-        offs_n = tl.where(in_slice, i * max_rank + offs_packed - packed_start, offs_n)
-        packed_start += rank_i
-    col_valid = offs_packed < packed_start
-    # An unused tile, or a block past the slot's packed columns.
-    if (tile_len == 0) | (pid_n * BLOCK_N >= packed_start):
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_rank = tl.load(
+        ranks_ptr + slot * stride_ranks_slot + offs_n // max_rank,
+        mask=offs_n < num_columns,
+        other=0,
+    )
+    col_valid = (offs_n % max_rank) < col_rank
+    # An unused tile, or every column of this block past its slice's rank.
+    if (tile_len == 0) | (tl.max(col_valid.to(tl.int32), axis=0) == 0):
         return
     x_rows = x_ptr + tokens[:, None] * stride_x_token
     a_rows = lora_a_ptr + slot * stride_a_slot + offs_n[:, None] * stride_a_row
@@ -258,6 +252,7 @@ def sgmv_shrink(
         segments.tile_lens,
         segments.tile_slots,
         in_features,
+        num_columns,
         num_columns // num_slices,
         k_per_split,
         x.stride(0),
@@ -267,7 +262,6 @@ def sgmv_shrink(
         partials.stride(0) if cfg.split_k > 1 else 0,
         ranks.stride(0),
         COUNTERS_PER_TILE=COUNTERS_PER_TILE,
-        NUM_SLICES=num_slices,
         BLOCK_M=block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
