@@ -111,6 +111,97 @@ TABLE: dict[tuple[int, int], dict[tuple[int, int], dict[int, str]]] = {
             128: "scaled_mm",  # 113.2 µs eager, 12% of copy
             256: "scaled_mm",  # 84.4 µs eager, 16% of copy
         },
+        # The Llama-3.1-70B shards of tensor parallelism 2 and 4 (q/k/v and gate/up split by
+        # output, o and down by input), `bench_fp8.py --quick --shapes 70b` on an H100
+        # (2026-11-28, commit fbe19b0; benchmarks/results/fp8_70b-h100-2026-11-28-fbe19b0/).
+        (5120, 8192): {  # tp2_qkv
+            1: "splitk 8x512/s1/w4/st3",  # 18.2 µs graph, 77% of copy
+            2: "splitk 8x512/s1/w4/st3",  # 22.7 µs graph, 62% of copy
+            4: "splitk 64x128/s8/w4/st3/mma",  # 23.1 µs graph, 61% of copy
+            8: "splitk 64x128/s8/w4/st3/mma",  # 23.2 µs graph, 60% of copy
+            16: "splitk 64x128/s8/w4/st3/mma",  # 24.6 µs graph, 57% of copy
+            32: "splitk 64x128/s8/w4/st3/mma",  # 26.6 µs graph, 53% of copy
+            64: "scaled_mm",  # 28.4 µs graph, 49% of copy
+            128: "scaled_mm",  # 65.7 µs eager, 21% of copy
+            256: "scaled_mm",  # 138.2 µs eager, 10% of copy
+        },
+        (8192, 4096): {  # tp2_o
+            1: "gemv 8x1024/st4",  # 16.3 µs graph, 69% of copy
+            2: "splitk 8x512/s1/w4/st3",  # 16.6 µs graph, 68% of copy
+            4: "splitk 64x128/s8/w4/st3/mma",  # 20.2 µs graph, 56% of copy
+            8: "splitk 64x128/s8/w4/st3/mma",  # 20.1 µs graph, 56% of copy
+            16: "triton 16x64x256/s4/w4/st4",  # 21.2 µs graph, 53% of copy
+            32: "scaled_mm",  # 22.7 µs graph, 49% of copy
+            64: "scaled_mm",  # 20.8 µs graph, 54% of copy
+            128: "scaled_mm",  # 79.4 µs eager, 14% of copy
+            256: "scaled_mm",  # 77.4 µs eager, 14% of copy
+        },
+        (28672, 8192): {  # tp2_gate_up
+            1: "splitk 8x512/s1/w4/st3",  # 80.8 µs graph, 97% of copy
+            2: "triton 16x64x256/s1/w4/st4",  # 86.1 µs graph, 91% of copy
+            4: "triton 16x64x256/s1/w4/st4",  # 86.3 µs graph, 91% of copy
+            8: "triton 16x64x256/s1/w4/st4",  # 86.8 µs graph, 90% of copy
+            16: "triton 16x64x256/s1/w4/st4",  # 87.3 µs graph, 90% of copy
+            32: "triton 32x64x256/s1/w4/st4",  # 88.9 µs graph, 88% of copy
+            64: "scaled_mm",  # 102.3 µs graph, 77% of copy
+            128: "scaled_mm",  # 106.8 µs eager, 73% of copy
+            256: "scaled_mm",  # 133.4 µs eager, 59% of copy
+        },
+        (8192, 14336): {  # tp2_down
+            1: "gemv 8x1024/st4",  # 48.0 µs graph, 82% of copy
+            2: "splitk 8x512/s1/w4/st3",  # 46.1 µs graph, 85% of copy
+            4: "triton 16x64x256/s4/w4/st4",  # 51.6 µs graph, 76% of copy
+            8: "triton 16x64x256/s4/w4/st4",  # 52.1 µs graph, 75% of copy
+            16: "triton 16x64x256/s4/w4/st4",  # 52.8 µs graph, 74% of copy
+            32: "triton 32x64x256/s4/w4/st4",  # 55.4 µs graph, 71% of copy
+            64: "scaled_mm",  # 58.7 µs graph, 67% of copy
+            128: "scaled_mm",  # 95.2 µs eager, 41% of copy
+            256: "scaled_mm",  # 103.8 µs eager, 38% of copy
+        },
+        (2560, 8192): {  # tp4_qkv
+            1: "splitk 8x512/s2/w4/st3",  # 11.6 µs graph, 60% of copy
+            2: "splitk 64x128/s16/w4/st3/mma",  # 14.5 µs graph, 48% of copy
+            4: "splitk 64x128/s16/w4/st3/mma",  # 14.6 µs graph, 48% of copy
+            8: "splitk 64x128/s16/w4/st3/mma",  # 14.7 µs graph, 48% of copy
+            16: "splitk 64x128/s16/w4/st3/mma",  # 15.9 µs graph, 44% of copy
+            32: "splitk 64x128/s16/w4/st3/mma",  # 18.3 µs graph, 38% of copy
+            64: "triton 64x64x128/s8/w4/st4",  # 22.5 µs graph, 31% of copy
+            128: "scaled_mm",  # 78.7 µs eager, 9% of copy
+            256: "scaled_mm",  # 79.0 µs eager, 9% of copy
+        },
+        (8192, 2048): {  # tp4_o
+            1: "gemv 8x1024/st4",  # 9.5 µs graph, 59% of copy
+            2: "splitk 8x512/s1/w4/st3",  # 10.2 µs graph, 55% of copy
+            4: "splitk 64x128/s8/w4/st3/mma",  # 12.8 µs graph, 44% of copy
+            8: "splitk 64x128/s8/w4/st3/mma",  # 12.9 µs graph, 43% of copy
+            16: "scaled_mm",  # 13.9 µs graph, 40% of copy
+            32: "scaled_mm",  # 13.6 µs graph, 41% of copy
+            64: "scaled_mm",  # 12.9 µs graph, 43% of copy
+            128: "scaled_mm",  # 61.3 µs eager, 9% of copy
+            256: "scaled_mm",  # 63.3 µs eager, 9% of copy
+        },
+        (14336, 8192): {  # tp4_gate_up
+            1: "splitk 8x512/s1/w4/st3",  # 43.5 µs graph, 90% of copy
+            2: "splitk 16x256/s1/w4/st3",  # 48.5 µs graph, 81% of copy
+            4: "triton 16x64x256/s2/w4/st4",  # 48.8 µs graph, 80% of copy
+            8: "triton 16x64x256/s2/w4/st4",  # 49.3 µs graph, 80% of copy
+            16: "triton 16x64x256/s2/w4/st4",  # 50.1 µs graph, 78% of copy
+            32: "triton 32x64x256/s2/w4/st4",  # 52.6 µs graph, 75% of copy
+            64: "scaled_mm",  # 52.6 µs graph, 74% of copy
+            128: "scaled_mm",  # 90.4 µs eager, 43% of copy
+            256: "scaled_mm",  # 86.1 µs eager, 46% of copy
+        },
+        (8192, 7168): {  # tp4_down
+            1: "gemv 8x1024/st4",  # 26.4 µs graph, 74% of copy
+            2: "splitk 8x512/s1/w4/st3",  # 26.0 µs graph, 76% of copy
+            4: "triton 16x64x256/s4/w4/st4",  # 31.6 µs graph, 62% of copy
+            8: "splitk 64x128/s8/w4/st3/mma",  # 31.9 µs graph, 62% of copy
+            16: "triton 16x64x256/s4/w4/st4",  # 32.2 µs graph, 61% of copy
+            32: "triton 32x64x256/s4/w4/st4",  # 34.3 µs graph, 57% of copy
+            64: "scaled_mm",  # 32.9 µs graph, 60% of copy
+            128: "scaled_mm",  # 111.7 µs eager, 18% of copy
+            256: "scaled_mm",  # 109.8 µs eager, 18% of copy
+        },
     },
 }
 
