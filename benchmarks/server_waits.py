@@ -7,7 +7,7 @@ from __future__ import annotations
 def wait_brief(moved: dict) -> str:
     """Where the phase's requests waited, per tenant, from the server's histograms: mean and
     p99 (the upper bound of the bucket holding it) of admission, setup (admission, pin and
-    hand-over), engine queue, prefill and delivery."""
+    hand-over), engine queue, prefill and delivery; and the event loop's lag (all tenants)."""
     parts = []
     for what, name in (
         ("admission", "loraplex_admission_wait_seconds"),
@@ -15,15 +15,15 @@ def wait_brief(moved: dict) -> str:
         ("queue", "loraplex_request_queue_time_seconds"),
         ("prefill", "loraplex_request_prefill_time_seconds"),
         ("delivery", "loraplex_request_delivery_seconds"),
+        ("loop lag", "loraplex_event_loop_lag_seconds"),
     ):
         by_tenant: dict[str, dict] = {}
         for key, value in moved.items():
             if not key.startswith(name + "_"):
                 continue
-            labels = dict(
-                kv.split("=", 1) for kv in key[key.index("{") + 1 : -1].split(",")
-            )
-            entry = by_tenant.setdefault(labels["tenant"], {"buckets": {}})
+            pairs = key[key.index("{") + 1 : -1].split(",")
+            labels = dict(kv.split("=", 1) for kv in pairs if kv)
+            entry = by_tenant.setdefault(labels.get("tenant", "all"), {"buckets": {}})
             if key.startswith(name + "_bucket"):
                 le = float(labels["le"])
                 entry["buckets"][le] = entry["buckets"].get(le, 0.0) + value

@@ -325,6 +325,12 @@ class ApiMetrics:
             )
             for n, h in _CALL_PHASES
         )
+        self.loop_lag = Histogram(
+            "loraplex_event_loop_lag_seconds",
+            "How much later than asked the API's event loop woke for a 10 ms timer.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self._admission = None  # the collector of the admission being exported
 
     def watch_pool(self, pool) -> None:
