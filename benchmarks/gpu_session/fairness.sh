@@ -1,6 +1,6 @@
 # Issue 8 fairness on one GPU (~6 min; 120 steady-tenant requests a phase since 09e4c52): the N = 8 phase (for the base rate) and tenant fairness
-# only, with where the steady tenant's requests waited (admission, engine queue, prefill), then
-# the adapter staging GPU tests (test_stage_adapter.py[cuda]).
+# only, with where the steady tenant's requests waited (admission, setup, engine queue, prefill,
+# delivery) and, since 78dbbcd, the event loop's lag; then the adapter staging GPU tests.
 source benchmarks/gpu_session/common.sh
 timeout -k 30 400 python3 benchmarks/bench_serve_scale.py --out $OUT/serve_scale \
   --commit "$LORAPLEX_COMMIT" --sizes 8 --skip ttft --requests 400 --fair-requests 120 \
