@@ -49,7 +49,8 @@ def setup(tmp_path_factory):
     return model, dirs
 
 
-def run(model, dirs, world_size, dtype="float32", **options):
+def engine_with_adapters(model, dirs, world_size, dtype, **options):
+    """A CUDA engine of `world_size` ranks with the three adapters loaded; (engine, slots)."""
     engine = Engine(
         EngineConfig(
             model=str(model),
@@ -63,11 +64,20 @@ def run(model, dirs, world_size, dtype="float32", **options):
             **options,
         )
     )
+    slots = {}
     try:
-        slots = {}
         for slot, (name, path) in enumerate(dirs.items()):
             engine.load_adapter(slot, load_adapter_dir(path, engine.spec, 16))
             slots[name] = slot
+    except BaseException:
+        engine.close()
+        raise
+    return engine, slots
+
+
+def run(model, dirs, world_size, dtype="float32", **options):
+    engine, slots = engine_with_adapters(model, dirs, world_size, dtype, **options)
+    try:
         plan = requests(slots, 16)
         got = run_to_completion(engine, {k: v[:3] for k, v in plan.items()})
         replays = [
@@ -130,24 +140,8 @@ def test_fp32_shards_match_peft_token_for_token(
 def prompt_logits(model, dirs, world_size, dtype, **options):
     """Logits [8, vocab] float32 of each request's last prompt position (one new token each,
     so no step depends on an earlier sampled token), in the order the steps produced them."""
-    engine = Engine(
-        EngineConfig(
-            model=str(model),
-            dtype=dtype,
-            device="cuda",
-            max_loras=3,
-            max_lora_rank=16,
-            num_kv_blocks=256,
-            max_num_batched_tokens=64,
-            tensor_parallel_size=world_size,
-            **options,
-        )
-    )
+    engine, slots = engine_with_adapters(model, dirs, world_size, dtype, **options)
     try:
-        slots = {}
-        for slot, (name, path) in enumerate(dirs.items()):
-            engine.load_adapter(slot, load_adapter_dir(path, engine.spec, 16))
-            slots[name] = slot
         steps: list[torch.Tensor] = []
         forward = engine.runner.forward
 
